@@ -1,0 +1,40 @@
+# Citadel's two set-up commands: `make run` and `make test`. Both create the virtual
+# environment on first use; they need only Python 3.11 and make.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+CITADEL_DATA_DIR ?= $(CURDIR)/var
+export CITADEL_DATA_DIR PORT
+# torch is pinned to the CPU build 2.13.0; where a local wheel folder exists (these machines), use it.
+export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test lint bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/citadel migrate --noinput
+	$(BIN)/citadel bootstrap
+	$(BIN)/citadel serve --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+
+clean:
+	rm -rf $(VENV) var

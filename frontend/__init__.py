@@ -1,0 +1,1 @@
+"""The browser console: server-rendered Django templates with htmx; no Node build step."""

@@ -1,0 +1,43 @@
+"""Console pages. The playground streams through the same job path as /v1/chat/completions,
+authenticated by the console session (with CSRF) instead of an API key."""
+
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.views import APIView
+
+from citadel.gateway.apis import run_job
+from citadel.gateway.serializers import ChatCompletionInput
+from citadel.jobs.models import InferenceJob
+from citadel.registry.models import Deployment, Model
+from citadel.registry.selectors import models_deployed, workers_live
+
+
+def home(request):
+    return redirect("frontend:models")
+
+
+@login_required
+def models_page(request):
+    live_pools = set(workers_live().values_list("pool_id", flat=True))
+    rows = []
+    for model in Model.objects.prefetch_related("deployments__pool"):
+        deployments = [d for d in model.deployments.all() if d.status == Deployment.Status.ACTIVE]
+        rows.append({"model": model, "deployments": deployments,
+                     "serving": any(d.pool_id in live_pools for d in deployments)})
+    return render(request, "frontend/models.html", {"rows": rows})
+
+
+@login_required
+def playground(request):
+    return render(request, "frontend/playground.html", {"models": models_deployed()})
+
+
+class PlaygroundStreamApi(APIView):
+    authentication_classes = [SessionAuthentication]  # enforces CSRF on this POST
+    schema = None
+
+    def post(self, request):
+        data = ChatCompletionInput(data={**request.data, "stream": True})
+        data.is_valid(raise_exception=True)
+        return run_job(request, data, kind=InferenceJob.Kind.CHAT)

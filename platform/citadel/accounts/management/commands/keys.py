@@ -1,0 +1,48 @@
+"""`citadel keys create|list|revoke`: API keys for operators' scripts.
+
+`create` prints the new key alone on the last line of its output.
+"""
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from citadel.accounts.models import ApiKey
+from citadel.accounts.services import api_key_create, api_key_get, api_key_revoke
+from citadel.audit.services import Actor
+from citadel.core.exceptions import CitadelError
+
+
+class Command(BaseCommand):
+    help = "Create, list or revoke API keys."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+        create = sub.add_parser("create", help="Create a key; the key is printed once, on the last line.")
+        create.add_argument("--user", required=True, help="Username that owns the key.")
+        create.add_argument("--name", required=True, help="What the key is for, e.g. 'billing-app'.")
+        create.add_argument("--expires-in-days", type=int, default=None)
+        sub.add_parser("list", help="List keys (prefixes only).")
+        revoke = sub.add_parser("revoke", help="Revoke a key by its prefix.")
+        revoke.add_argument("prefix")
+
+    def handle(self, *args, action, **options):
+        actor = Actor.system("cli")
+        try:
+            if action == "create":
+                user = get_user_model().objects.filter(username=options["user"]).first()
+                if user is None:
+                    raise CommandError(f"No user named {options['user']!r}: create it first (citadel createsuperuser).")
+                created = api_key_create(user=user, name=options["name"], actor=actor,
+                                         expires_in_days=options["expires_in_days"])
+                self.stdout.write(f"Created API key {created.api_key.prefix} for {user.get_username()}; "
+                                  "store it now, it is not shown again:")
+                self.stdout.write(created.key)
+            elif action == "list":
+                for key in ApiKey.objects.select_related("user"):
+                    state = "revoked" if key.revoked_at else ("active" if key.is_active else "expired")
+                    self.stdout.write(f"{key.prefix}\t{key.name}\t{key.user.get_username()}\t{state}")
+            elif action == "revoke":
+                api_key_revoke(api_key=api_key_get(prefix=options["prefix"]), actor=actor)
+                self.stdout.write(f"Revoked {options['prefix']}")
+        except CitadelError as error:
+            raise CommandError(error.message) from error

@@ -1,0 +1,9 @@
+"""The management API (/api/v1/): one include per app."""
+
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("citadel.registry.urls")),
+    path("", include("citadel.accounts.urls")),
+    path("", include("citadel.jobs.urls")),
+]

@@ -1,0 +1,68 @@
+"""One domain exception, mapped to HTTP by one handler (handlers.py) (OpenAI's error shape under /v1).
+
+Services raise CitadelError subclasses; views never build error responses by hand.
+"""
+
+from django.http import JsonResponse
+
+
+class CitadelError(Exception):
+    """A failure the caller should see: an HTTP status, an OpenAI error type, a message."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(CitadelError):
+    status = 400
+
+
+class AuthenticationFailed(CitadelError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(CitadelError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(CitadelError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(CitadelError):
+    status = 409
+
+
+class ServiceUnavailable(CitadelError):
+    status = 503
+    error_type = "service_unavailable"
+
+
+class UpstreamError(CitadelError):
+    """The worker failed while running the job."""
+
+    status = 500
+    error_type = "server_error"
+
+
+def openai_error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def openai_error_response(error: CitadelError) -> JsonResponse:
+    return JsonResponse(
+        openai_error_body(error.message, error.error_type, error.param, error.code), status=error.status
+    )

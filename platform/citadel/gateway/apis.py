@@ -1,0 +1,74 @@
+"""The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions.
+
+Authenticated by API key only (Bearer); errors come back in OpenAI's error shape through the
+project's one exception handler.
+"""
+
+from django.http import StreamingHttpResponse
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from citadel.accounts.authentication import ApiKeyAuthentication
+from citadel.audit.services import Actor
+from citadel.core.exceptions import NotFound
+from citadel.gateway.openai_format import completion_body
+from citadel.gateway.serializers import ChatCompletionInput, CompletionInput
+from citadel.gateway.streaming import job_event_stream
+from citadel.jobs.models import InferenceJob
+from citadel.jobs.selectors import job_wait
+from citadel.jobs.services import job_error, job_submit
+from citadel.registry.selectors import models_deployed
+
+
+class OpenAIApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    schema = None  # documented by OpenAI's own reference, not the management schema
+
+
+def _model_body(model) -> dict:
+    return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()), "owned_by": "citadel"}
+
+
+class ModelListApi(OpenAIApi):
+    def get(self, request):
+        return Response({"object": "list", "data": [_model_body(m) for m in models_deployed()]})
+
+
+class ModelRetrieveApi(OpenAIApi):
+    def get(self, request, model_id: str):
+        model = models_deployed().filter(name=model_id).first()
+        if model is None:
+            raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        return Response(_model_body(model))
+
+
+def run_job(request, data, *, kind: str):
+    """Submit the validated request and answer it, streamed or whole. Shared with the console."""
+    api_key = request.auth if hasattr(request.auth, "prefix") else None
+    job = job_submit(model_name=data.validated_data["model"], kind=kind, payload=data.payload(),
+                     stream=data.validated_data["stream"], actor=Actor.for_request(request), request=request,
+                     user=request.user, api_key=api_key)
+    if data.validated_data["stream"]:
+        response = StreamingHttpResponse(job_event_stream(job, include_usage=data.include_usage),
+                                         content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    job = job_wait(job_id=job.id)
+    if job.status != InferenceJob.Status.SUCCEEDED:
+        raise job_error(job)
+    return Response(completion_body(job))
+
+
+class ChatCompletionApi(OpenAIApi):
+    def post(self, request):
+        data = ChatCompletionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        return run_job(request, data, kind=InferenceJob.Kind.CHAT)
+
+
+class CompletionApi(OpenAIApi):
+    def post(self, request):
+        data = CompletionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        return run_job(request, data, kind=InferenceJob.Kind.COMPLETION)

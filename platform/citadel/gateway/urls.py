@@ -1,0 +1,12 @@
+from django.urls import path, re_path
+
+from citadel.gateway import apis
+from citadel.gateway.fallback import not_found
+
+urlpatterns = [
+    path("models", apis.ModelListApi.as_view(), name="openai-models"),
+    path("models/<str:model_id>", apis.ModelRetrieveApi.as_view(), name="openai-model"),
+    path("chat/completions", apis.ChatCompletionApi.as_view(), name="openai-chat-completions"),
+    path("completions", apis.CompletionApi.as_view(), name="openai-completions"),
+    re_path(r"^.*$", not_found),
+]

@@ -1,0 +1,28 @@
+"""Management API for inference jobs: a user sees their own, staff see all."""
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from citadel.jobs.models import InferenceJob
+
+
+class JobOutput(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    pool = serializers.CharField(source="pool.name", default=None)
+
+    class Meta:
+        model = InferenceJob
+        fields = ["id", "kind", "status", "model", "pool", "worker_name", "request_id", "stream", "finish_reason",
+                  "prompt_tokens", "completion_tokens", "error_code", "error_message", "created_at", "started_at",
+                  "finished_at"]
+
+
+class JobListApi(APIView):
+    @extend_schema(responses=JobOutput(many=True))
+    def get(self, request):
+        jobs = InferenceJob.objects.select_related("model", "pool")
+        if not request.user.is_staff:
+            jobs = jobs.filter(user=request.user)
+        return Response(JobOutput(jobs[:200], many=True).data)

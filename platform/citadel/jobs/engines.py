@@ -1,0 +1,37 @@
+"""The models a worker process keeps loaded between tasks.
+
+One instance lives in each worker process (worker-side state, like the engine's own core):
+the first task for a model loads it, later tasks reuse it. Web processes never import this.
+"""
+
+import json
+import threading
+
+
+class EngineCache:
+    def __init__(self):
+        self._engines: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: str, engine_settings: dict) -> str:
+        return json.dumps([path, engine_settings], sort_keys=True)
+
+    def get(self, *, path: str, engine_settings: dict | None = None):
+        """The loaded `inference.LLM` for this checkpoint and settings, loading it on first use."""
+        key = self._key(path, engine_settings or {})
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                from inference import LLM  # imported here: torch is a worker-only dependency
+
+                engine = LLM(model=path, **(engine_settings or {}))
+                self._engines[key] = engine
+            return engine
+
+    def loaded_paths(self) -> list[str]:
+        with self._lock:
+            return sorted({json.loads(key)[0] for key in self._engines})
+
+
+engines = EngineCache()

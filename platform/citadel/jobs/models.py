@@ -1,0 +1,73 @@
+"""Inference jobs: the database is the system of record, the broker only carries job ids.
+
+A job row is written before anything is dispatched, so a lost message is visible (the job
+stays queued) and a redelivered one finds the job no longer queued and does nothing.
+Streamed tokens are appended as chunk rows that the web process reads back in order.
+"""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from citadel.registry.models import Deployment, Model, WorkerPool
+
+
+class InferenceJob(models.Model):
+    class Kind(models.TextChoices):
+        CHAT = "chat"
+        COMPLETION = "completion"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    model = models.ForeignKey(Model, on_delete=models.PROTECT, related_name="jobs")
+    deployment = models.ForeignKey(Deployment, on_delete=models.PROTECT, null=True, blank=True, related_name="jobs")
+    pool = models.ForeignKey(WorkerPool, on_delete=models.PROTECT, null=True, blank=True, related_name="jobs")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True)
+    api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.PROTECT, null=True, blank=True)
+    request_id = models.CharField(max_length=128, blank=True, db_index=True)
+    stream = models.BooleanField(default=False)
+    payload = models.JSONField(help_text="Messages or prompt and sampling settings, as the worker needs them.")
+    worker_name = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    text = models.TextField(blank=True)
+    finish_reason = models.CharField(max_length=16, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class InferenceChunk(models.Model):
+    """One streamed piece of a job's output, in order."""
+
+    job = models.ForeignKey(InferenceJob, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    text = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="one_chunk_per_index")]

@@ -1,0 +1,84 @@
+"""Reads for jobs, including following a running job's output from the web process.
+
+The web process polls the job row and its chunk rows: it works the same on PostgreSQL and on
+the embedded SQLite, needs no extra service, and keeps the database the only source of truth.
+While it waits it also notices a job whose worker died or that no worker picked up, and fails
+it, so a client is never left hanging.
+"""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from citadel.audit.services import Actor
+from citadel.jobs.models import InferenceChunk, InferenceJob
+from citadel.registry.selectors import worker_is_live, workers_live
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    job: InferenceJob
+
+
+def _stalled_reason(job: InferenceJob) -> tuple[str, str] | None:
+    stale = timedelta(seconds=settings.CITADEL_WORKER_STALE_SECONDS)
+    if job.status == InferenceJob.Status.RUNNING and not worker_is_live(name=job.worker_name):
+        return "worker_lost", f"Worker {job.worker_name} stopped while running the job; retry the request."
+    if (job.status == InferenceJob.Status.QUEUED and timezone.now() - job.created_at > stale
+            and not workers_live(pool=job.pool).exists()):
+        return "worker_lost", f"No live worker in pool '{job.pool.name}' picked up the job; retry the request."
+    return None
+
+
+def job_follow(*, job_id, timeout: float | None = None) -> Iterator[Delta | Finished]:
+    """Yield the job's text as it is produced, then Finished with the final row.
+
+    A failed job ends with Finished too; the caller turns its error into a response.
+    """
+    from citadel.jobs.services import job_fail
+
+    poll = settings.CITADEL_STREAM_POLL_SECONDS
+    deadline = time.monotonic() + (timeout or settings.CITADEL_REQUEST_TIMEOUT_SECONDS)
+    next_index, last_check = 0, time.monotonic()
+    while True:
+        job = InferenceJob.objects.select_related("pool", "model").get(pk=job_id)
+        pending = InferenceChunk.objects.filter(job_id=job_id, index__gte=next_index).order_by("index")
+        if job.is_terminal:
+            # The worker commits every chunk before the final state, so all of them are visible now.
+            for text in pending.values_list("text", flat=True):
+                yield Delta(text)
+            yield Finished(job)
+            return
+        for index, text in pending.values_list("index", "text"):
+            if index != next_index:
+                break  # a gap: that chunk's commit is not visible yet; read it on the next poll
+            next_index += 1
+            yield Delta(text)
+        now = time.monotonic()
+        if now > deadline:
+            job_fail(job_id=job_id, code="timeout", message="The job did not finish in time.",
+                     actor=Actor.system("gateway"))
+            continue
+        if now - last_check > 1.0:
+            last_check = now
+            reason = _stalled_reason(job)
+            if reason:
+                job_fail(job_id=job_id, code=reason[0], message=reason[1], actor=Actor.system("gateway"))
+                continue
+        time.sleep(poll)
+
+
+def job_wait(*, job_id, timeout: float | None = None) -> InferenceJob:
+    for event in job_follow(job_id=job_id, timeout=timeout):
+        if isinstance(event, Finished):
+            return event.job
+    raise AssertionError("job_follow always ends with Finished")

@@ -1,0 +1,133 @@
+"""Writes for inference jobs: submit and dispatch (web side), claim, record and finish (worker side).
+
+Every transition is a short transaction on the job row; the audit log gets the request when it
+is accepted or refused and the outcome when it ends.
+"""
+
+import logging
+
+from django.db import transaction
+from django.utils import timezone
+
+from citadel.audit.services import Actor, audit_record
+from citadel.core.exceptions import CitadelError, ServiceUnavailable
+from citadel.jobs.models import InferenceChunk, InferenceJob
+from citadel.registry.models import Deployment
+from citadel.registry.selectors import deployments_active_for_model, model_get, workers_live
+
+logger = logging.getLogger(__name__)
+
+
+def _deployment_with_live_worker(deployments) -> Deployment | None:
+    for deployment in deployments:
+        if workers_live(pool=deployment.pool).exists():
+            return deployment
+    return None
+
+
+def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor: Actor, request=None,
+               user=None, api_key=None) -> InferenceJob:
+    """Record the job, then hand its id to a live pool that serves the model.
+
+    Raises NotFound for an unknown model and ServiceUnavailable when nothing can run it; in
+    the second case the job row stays behind as failed, so no request is silently dropped.
+    """
+    model = model_get(name=model_name)
+    deployments = list(deployments_active_for_model(model=model))
+    deployment = _deployment_with_live_worker(deployments)
+    request_id = getattr(request, "request_id", "")
+    with transaction.atomic():
+        job = InferenceJob.objects.create(
+            kind=kind, model=model, deployment=deployment, pool=deployment.pool if deployment else None,
+            user=user, api_key=api_key, request_id=request_id, stream=stream, payload=payload,
+        )
+        if deployment is None:
+            where = ", ".join(d.pool.name for d in deployments)
+            message = (f"No worker is serving model '{model.name}': its pools ({where}) have no live worker. "
+                       "Start one with `citadel worker --pool POOL`." if deployments else
+                       f"Model '{model.name}' is not deployed on any worker pool. Deploy it first.")
+            _fail(job, code="no_worker", message=message)
+        audit_record(
+            actor=actor, action=f"inference.{kind}", outcome="success" if deployment else "failure",
+            target_type="model", target_id=model.name, request=request,
+            details={"job": str(job.id), "pool": deployment.pool.name if deployment else None,
+                     "stream": stream, **({"error": job.error_message} if deployment is None else {})},
+        )
+    if deployment is None:
+        raise ServiceUnavailable(job.error_message, code="no_worker")
+    _publish(job)
+    return job
+
+
+def _publish(job: InferenceJob) -> None:
+    from citadel.jobs.tasks import run_inference
+
+    try:
+        run_inference.apply_async(args=[str(job.id)], queue=job.pool.queue)
+    except Exception as error:  # the broker is down or refused the message
+        logger.exception("could not publish job %s", job.id)
+        with transaction.atomic():
+            _fail(job, code="broker_unavailable", message=f"The job queue is unavailable: {error}")
+        raise ServiceUnavailable("The job queue is unavailable; try again shortly.", code="broker_unavailable") \
+            from error
+
+
+def _fail(job: InferenceJob, *, code: str, message: str) -> None:
+    job.status, job.error_code, job.error_message = InferenceJob.Status.FAILED, code, message
+    job.finished_at = timezone.now()
+    job.save(update_fields=["status", "error_code", "error_message", "finished_at"])
+
+
+@transaction.atomic
+def job_claim(*, job_id: str, worker_name: str) -> InferenceJob | None:
+    """Move a queued job to running for this worker; None when it is not queued any more
+    (already done, failed, or taken by a worker that crashed), so a redelivery does no harm."""
+    job = InferenceJob.objects.select_for_update().select_related("model", "deployment").filter(pk=job_id).first()
+    if job is None or job.status != InferenceJob.Status.QUEUED:
+        return None
+    job.status, job.worker_name, job.started_at = InferenceJob.Status.RUNNING, worker_name, timezone.now()
+    job.attempts += 1
+    job.save(update_fields=["status", "worker_name", "started_at", "attempts"])
+    return job
+
+
+def job_append_chunk(*, job: InferenceJob, index: int, text: str) -> None:
+    InferenceChunk.objects.create(job=job, index=index, text=text)
+
+
+@transaction.atomic
+def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_tokens: int,
+                completion_tokens: int) -> None:
+    updated = InferenceJob.objects.filter(pk=job.pk, status=InferenceJob.Status.RUNNING).update(
+        status=InferenceJob.Status.SUCCEEDED, text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, finished_at=timezone.now(),
+    )
+    if updated:
+        audit_record(actor=Actor.system(job.worker_name), action=f"inference.{job.kind}.complete",
+                     outcome="success", target_type="model", target_id=job.model.name, request_id=job.request_id,
+                     details={"job": str(job.id), "prompt_tokens": prompt_tokens,
+                              "completion_tokens": completion_tokens, "finish_reason": finish_reason})
+
+
+@transaction.atomic
+def job_fail(*, job_id, code: str, message: str, actor: Actor) -> bool:
+    """Fail a job that is not finished yet; False when it already was."""
+    job = InferenceJob.objects.select_for_update().select_related("model").filter(pk=job_id).first()
+    if job is None or job.is_terminal:
+        return False
+    _fail(job, code=code, message=message)
+    audit_record(actor=actor, action=f"inference.{job.kind}.complete", outcome="failure", target_type="model",
+                 target_id=job.model.name, request_id=job.request_id,
+                 details={"job": str(job.id), "error_code": code, "error": message[:1000]})
+    return True
+
+
+def job_error(job: InferenceJob) -> CitadelError:
+    """The error a failed job turns into for its client."""
+    from citadel.core.exceptions import InvalidRequest, UpstreamError
+
+    if job.error_code == "invalid_sampling_params":
+        return InvalidRequest(job.error_message, code=job.error_code)
+    if job.error_code in ("no_worker", "worker_lost", "broker_unavailable", "timeout"):
+        return ServiceUnavailable(job.error_message, code=job.error_code)
+    return UpstreamError(job.error_message or "The worker failed to run the job.", code=job.error_code or None)

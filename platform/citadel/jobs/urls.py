@@ -1,0 +1,7 @@
+from django.urls import path
+
+from citadel.jobs import apis
+
+urlpatterns = [
+    path("jobs/", apis.JobListApi.as_view(), name="api-jobs"),
+]

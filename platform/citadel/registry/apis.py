@@ -1,0 +1,133 @@
+"""Management API for the registry: thin views over services and selectors."""
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import permissions, serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from citadel.audit.services import Actor
+from citadel.core.exceptions import NotFound
+from citadel.registry import services
+from citadel.registry.models import Deployment, Model, Worker, WorkerPool
+from citadel.registry.selectors import model_get
+
+
+class StaffWrites(permissions.BasePermission):
+    """Any signed-in user reads; only staff change the registry (roles come with the identity issue)."""
+
+    def has_permission(self, request, view):
+        return request.method in permissions.SAFE_METHODS or bool(request.user and request.user.is_staff)
+
+
+class ModelOutput(serializers.ModelSerializer):
+    class Meta:
+        model = Model
+        fields = ["name", "path", "family", "description", "created_at"]
+
+
+class PoolOutput(serializers.ModelSerializer):
+    class Meta:
+        model = WorkerPool
+        fields = ["name", "site", "description", "queue", "created_at"]
+
+
+class DeploymentOutput(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    pool = serializers.CharField(source="pool.name")
+
+    class Meta:
+        model = Deployment
+        fields = ["id", "model", "pool", "status", "engine_settings", "created_at"]
+
+
+class WorkerOutput(serializers.ModelSerializer):
+    pool = serializers.CharField(source="pool.name")
+
+    class Meta:
+        model = Worker
+        fields = ["name", "pool", "hostname", "pid", "status", "started_at", "last_heartbeat", "loaded_models"]
+
+
+class ModelListCreateApi(APIView):
+    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+
+    class ModelRegisterInput(serializers.Serializer):
+        name = serializers.CharField(max_length=100)
+        path = serializers.CharField(max_length=500)
+        description = serializers.CharField(required=False, allow_blank=True, default="")
+
+    @extend_schema(responses=ModelOutput(many=True))
+    def get(self, request):
+        return Response(ModelOutput(Model.objects.all(), many=True).data)
+
+    @extend_schema(request=ModelRegisterInput, responses={201: ModelOutput})
+    def post(self, request):
+        data = self.ModelRegisterInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = services.model_register(actor=Actor.for_request(request), request=request, **data.validated_data)
+        return Response(ModelOutput(model).data, status=status.HTTP_201_CREATED)
+
+
+class PoolListCreateApi(APIView):
+    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+
+    class PoolCreateInput(serializers.Serializer):
+        name = serializers.CharField(max_length=64)
+        site = serializers.CharField(max_length=100, default="local")
+        description = serializers.CharField(required=False, allow_blank=True, default="")
+
+    @extend_schema(responses=PoolOutput(many=True))
+    def get(self, request):
+        return Response(PoolOutput(WorkerPool.objects.all(), many=True).data)
+
+    @extend_schema(request=PoolCreateInput, responses={201: PoolOutput})
+    def post(self, request):
+        data = self.PoolCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        pool = services.pool_create(actor=Actor.for_request(request), request=request, **data.validated_data)
+        return Response(PoolOutput(pool).data, status=status.HTTP_201_CREATED)
+
+
+class DeploymentListCreateApi(APIView):
+    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+
+    class DeploymentCreateInput(serializers.Serializer):
+        model = serializers.CharField()
+        pool = serializers.CharField()
+        engine_settings = serializers.DictField(required=False, default=dict)
+
+    @extend_schema(responses=DeploymentOutput(many=True))
+    def get(self, request):
+        return Response(DeploymentOutput(Deployment.objects.select_related("model", "pool"), many=True).data)
+
+    @extend_schema(request=DeploymentCreateInput, responses={201: DeploymentOutput})
+    def post(self, request):
+        data = self.DeploymentCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = model_get(name=data.validated_data["model"])
+        pool = WorkerPool.objects.filter(name=data.validated_data["pool"]).first()
+        if pool is None:
+            raise NotFound(f"No worker pool named '{data.validated_data['pool']}'.", param="pool")
+        deployment = services.deployment_create(model=model, pool=pool, actor=Actor.for_request(request),
+                                                request=request,
+                                                engine_settings=data.validated_data["engine_settings"])
+        return Response(DeploymentOutput(deployment).data, status=status.HTTP_201_CREATED)
+
+
+class DeploymentRetireApi(APIView):
+    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+
+    @extend_schema(request=None, responses=DeploymentOutput)
+    def post(self, request, pk: int):
+        deployment = Deployment.objects.filter(pk=pk).first()
+        if deployment is None:
+            raise NotFound(f"No deployment with id {pk}.")
+        deployment = services.deployment_retire(deployment=deployment, actor=Actor.for_request(request),
+                                                request=request)
+        return Response(DeploymentOutput(deployment).data)
+
+
+class WorkerListApi(APIView):
+    @extend_schema(responses=WorkerOutput(many=True))
+    def get(self, request):
+        return Response(WorkerOutput(Worker.objects.select_related("pool"), many=True).data)

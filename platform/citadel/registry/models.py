@@ -1,0 +1,88 @@
+"""What can run where: models, worker pools (one Celery queue each), deployments, workers."""
+
+from django.db import models
+
+from citadel.celery import pool_queue
+
+
+class Model(models.Model):
+    """A Hugging Face checkpoint folder, addressed by `name` in the OpenAI API."""
+
+    name = models.SlugField(max_length=100, unique=True, help_text="The id clients pass as `model`.")
+    path = models.CharField(max_length=500, help_text="Checkpoint folder on the worker hosts.")
+    family = models.CharField(max_length=64, blank=True, help_text="config.json's model_type.")
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class WorkerPool(models.Model):
+    """GPU workers at one site that consume one queue."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    site = models.CharField(max_length=100, default="local")
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return pool_queue(self.name)
+
+
+class Deployment(models.Model):
+    """A model served by a pool's workers."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        RETIRED = "retired"
+
+    model = models.ForeignKey(Model, on_delete=models.PROTECT, related_name="deployments")
+    pool = models.ForeignKey(WorkerPool, on_delete=models.PROTECT, related_name="deployments")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    engine_settings = models.JSONField(default=dict, blank=True, help_text="Keyword arguments for inference.LLM.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model", "pool"], condition=models.Q(status="active"), name="one_active_deployment_per_pool"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} on {self.pool.name}"
+
+
+class Worker(models.Model):
+    """A running `citadel worker` process; alive while its heartbeat is fresh."""
+
+    class Status(models.TextChoices):
+        ONLINE = "online"
+        OFFLINE = "offline"
+
+    name = models.CharField(max_length=200, unique=True, help_text="The Celery node name, e.g. gpu@host1.")
+    pool = models.ForeignKey(WorkerPool, on_delete=models.PROTECT, related_name="workers")
+    hostname = models.CharField(max_length=200)
+    pid = models.IntegerField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ONLINE)
+    started_at = models.DateTimeField()
+    last_heartbeat = models.DateTimeField(db_index=True)
+    loaded_models = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["pool__name", "name"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,105 @@
+"""Writes for the registry: register models, create pools, deploy, worker heartbeats."""
+
+import json
+from pathlib import Path
+
+from django.db import transaction
+from django.utils import timezone
+from django.utils.text import slugify
+
+from citadel.audit.services import Actor, audit_record
+from citadel.core.exceptions import Conflict, InvalidRequest
+from citadel.registry.models import Deployment, Model, Worker, WorkerPool
+
+
+def _checkpoint_family(path: Path) -> str:
+    """config.json's model_type, or a clear error when the folder is not a checkpoint."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise InvalidRequest(f"{path} is not a Hugging Face checkpoint folder: config.json is missing.", param="path")
+    try:
+        return str(json.loads(config.read_text()).get("model_type", ""))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"{config} is not valid JSON: {error}", param="path") from error
+
+
+@transaction.atomic
+def model_register(*, name: str, path: str, actor: Actor, description: str = "", request=None) -> Model:
+    """Register a checkpoint folder. The path is checked when this host can see it; worker hosts
+    that cannot load it fail the job with a clear error instead."""
+    if not name or slugify(name) != name:
+        raise InvalidRequest(f"name {name!r} must be a slug: lower-case letters, digits, '-' and '_'.", param="name")
+    if Model.objects.filter(name=name).exists():
+        raise Conflict(f"A model named '{name}' is already registered.", param="name")
+    folder = Path(path)
+    if not folder.is_absolute():
+        raise InvalidRequest(f"path {path!r} must be absolute: workers resolve it on their own hosts.", param="path")
+    family = _checkpoint_family(folder) if folder.exists() else ""
+    model = Model.objects.create(name=name, path=str(folder), family=family, description=description)
+    audit_record(actor=actor, action="model.register", outcome="success", target_type="model",
+                 target_id=name, request=request, details={"path": str(folder), "family": family})
+    return model
+
+
+@transaction.atomic
+def pool_create(*, name: str, site: str, actor: Actor, description: str = "", request=None) -> WorkerPool:
+    if not name or slugify(name) != name:
+        raise InvalidRequest(f"name {name!r} must be a slug: lower-case letters, digits, '-' and '_'.", param="name")
+    if WorkerPool.objects.filter(name=name).exists():
+        raise Conflict(f"A worker pool named '{name}' already exists.", param="name")
+    pool = WorkerPool.objects.create(name=name, site=site, description=description)
+    audit_record(actor=actor, action="pool.create", outcome="success", target_type="pool",
+                 target_id=name, request=request, details={"site": site})
+    return pool
+
+
+@transaction.atomic
+def deployment_create(*, model: Model, pool: WorkerPool, actor: Actor, engine_settings: dict | None = None,
+                      request=None) -> Deployment:
+    if Deployment.objects.filter(model=model, pool=pool, status=Deployment.Status.ACTIVE).exists():
+        raise Conflict(f"'{model.name}' is already deployed on pool '{pool.name}'.")
+    deployment = Deployment.objects.create(model=model, pool=pool, engine_settings=engine_settings or {})
+    audit_record(actor=actor, action="deployment.create", outcome="success", target_type="deployment",
+                 target_id=str(deployment.pk), request=request,
+                 details={"model": model.name, "pool": pool.name, "engine_settings": deployment.engine_settings})
+    return deployment
+
+
+@transaction.atomic
+def deployment_retire(*, deployment: Deployment, actor: Actor, request=None) -> Deployment:
+    deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    if deployment.status == Deployment.Status.RETIRED:
+        raise Conflict(f"Deployment {deployment.pk} is already retired.")
+    deployment.status = Deployment.Status.RETIRED
+    deployment.save(update_fields=["status"])
+    audit_record(actor=actor, action="deployment.retire", outcome="success", target_type="deployment",
+                 target_id=str(deployment.pk), request=request)
+    return deployment
+
+
+def worker_heartbeat(*, name: str, pool_name: str, hostname: str, pid: int, loaded_models: list[str]) -> Worker:
+    """Called by a worker every few seconds. The first beat of a process is audited."""
+    now = timezone.now()
+    with transaction.atomic():
+        pool = WorkerPool.objects.get(name=pool_name)
+        worker = Worker.objects.select_for_update().filter(name=name).first()
+        came_online = worker is None or worker.status != Worker.Status.ONLINE or worker.pid != pid
+        if worker is None:
+            worker = Worker(name=name, started_at=now)
+        if came_online:
+            worker.started_at = now
+        worker.pool, worker.hostname, worker.pid = pool, hostname, pid
+        worker.status, worker.last_heartbeat, worker.loaded_models = Worker.Status.ONLINE, now, loaded_models
+        worker.save()
+        if came_online:
+            audit_record(actor=Actor.system(name), action="worker.online", outcome="success", target_type="worker",
+                         target_id=name, details={"pool": pool_name, "hostname": hostname, "pid": pid})
+    return worker
+
+
+@transaction.atomic
+def worker_offline(*, name: str, reason: str) -> None:
+    updated = Worker.objects.filter(name=name, status=Worker.Status.ONLINE).update(status=Worker.Status.OFFLINE)
+    if updated:
+        audit_record(actor=Actor.system(name), action="worker.offline", outcome="success", target_type="worker",
+                     target_id=name, details={"reason": reason})

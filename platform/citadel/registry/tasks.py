@@ -1,0 +1,21 @@
+"""Housekeeping run by beat: workers whose heartbeat stopped are marked offline."""
+
+from datetime import timedelta
+
+from celery import shared_task
+from django.conf import settings
+from django.utils import timezone
+
+from citadel.registry.models import Worker
+from citadel.registry.services import worker_offline
+
+
+@shared_task(name="citadel.registry.workers_mark_stale", queue="control", soft_time_limit=30, time_limit=60,
+             ignore_result=True)
+def workers_mark_stale() -> int:
+    cutoff = timezone.now() - timedelta(seconds=settings.CITADEL_WORKER_STALE_SECONDS)
+    stale = list(Worker.objects.filter(status=Worker.Status.ONLINE, last_heartbeat__lt=cutoff)
+                 .values_list("name", flat=True))
+    for name in stale:
+        worker_offline(name=name, reason="heartbeat stopped")
+    return len(stale)

@@ -1,0 +1,159 @@
+"""Settings shared by every environment. Every value is read from the environment.
+
+Variables (all optional here; production.py makes the secrets mandatory):
+    CITADEL_DATA_DIR     where state lives (SQLite file, embedded broker, secrets); default ./var
+    DATABASE_URL         e.g. postgres://user@127.0.0.1:5432/citadel; default SQLite in the data dir
+    CELERY_BROKER_URL    e.g. redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672//;
+                         default: the embedded filesystem transport under the data dir
+    DJANGO_SECRET_KEY    required in production
+    ALLOWED_HOSTS        comma-separated
+    CSRF_TRUSTED_ORIGINS comma-separated origins
+    CITADEL_WORKER_STALE_SECONDS  a worker whose heartbeat is older is treated as gone (30)
+    CITADEL_REQUEST_TIMEOUT_SECONDS  how long an API request waits for its job (300)
+"""
+
+from pathlib import Path
+
+import environ
+
+env = environ.Env()
+
+REPO_DIR = Path(__file__).resolve().parents[3]
+DATA_DIR = Path(env.str("CITADEL_DATA_DIR", default=str(REPO_DIR / "var"))).resolve()
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_htmx",
+    "citadel.core",
+    "citadel.audit",
+    "citadel.accounts",
+    "citadel.registry",
+    "citadel.jobs",
+    "citadel.gateway",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "citadel.core.middleware.RequestIdMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "citadel.urls"
+WSGI_APPLICATION = "citadel.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'citadel.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web, worker and beat are separate processes in the embedded mode: WAL lets readers
+    # run beside one writer, IMMEDIATE transactions avoid lock upgrades failing mid-way.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+    }
+else:
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=0)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "frontend:models"
+LOGOUT_REDIRECT_URL = "frontend:login"
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = env.int("SESSION_COOKIE_AGE", default=8 * 3600)
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = DATA_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Serve straight from the apps' static folders when collectstatic has not run (make run).
+WHITENOISE_USE_FINDERS = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "citadel.accounts.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "citadel.core.handlers.api_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Citadel management API",
+    "DESCRIPTION": "Models, deployments, worker pools, workers and API keys. "
+    "The OpenAI-compatible API lives under /v1.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+CITADEL_WORKER_STALE_SECONDS = env.int("CITADEL_WORKER_STALE_SECONDS", default=30)
+CITADEL_WORKER_HEARTBEAT_SECONDS = env.int("CITADEL_WORKER_HEARTBEAT_SECONDS", default=5)
+CITADEL_REQUEST_TIMEOUT_SECONDS = env.int("CITADEL_REQUEST_TIMEOUT_SECONDS", default=300)
+CITADEL_STREAM_POLL_SECONDS = env.float("CITADEL_STREAM_POLL_SECONDS", default=0.02)
+# Addresses of reverse proxies whose X-Forwarded-For is believed for the audit's source address.
+CITADEL_TRUSTED_PROXIES = env.list("CITADEL_TRUSTED_PROXIES", default=[])
+
+from citadel.settings.celery import *  # noqa: E402,F403
+from citadel.settings.logging import *  # noqa: E402,F403

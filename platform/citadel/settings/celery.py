@@ -1,0 +1,47 @@
+"""Celery settings: the broker from CELERY_BROKER_URL, else an embedded filesystem transport.
+
+The broker is transport only (DESIGN.md): jobs, states and results live in the database, so
+results are not stored in Celery and a redelivered message finds its job already done.
+"""
+
+from pathlib import Path
+
+import environ
+
+env = environ.Env()
+
+_data_dir = Path(env.str("CITADEL_DATA_DIR", default=str(Path(__file__).resolve().parents[3] / "var")))
+
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+CELERY_BROKER_TRANSPORT_OPTIONS = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _queue_dir = (_data_dir / "broker" / "queue").resolve()
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_queue_dir),
+        "data_folder_out": str(_queue_dir),
+        "processed_folder": str((_data_dir / "broker" / "processed").resolve()),
+        "store_processed": False,
+    }
+elif CELERY_BROKER_URL.startswith("redis"):
+    # Longer than the longest task, so an unacknowledged job is not handed out twice while
+    # it still runs; a redelivery after a crash is harmless because tasks are idempotent.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3 * 3600}
+
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE_FILENAME = str(_data_dir / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "workers-mark-stale": {
+        "task": "citadel.registry.workers_mark_stale",
+        "schedule": 15.0,
+        "options": {"queue": "control"},
+    },
+}

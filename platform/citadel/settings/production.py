@@ -1,0 +1,15 @@
+"""Production settings: secrets have no default, so a missing one fails at start."""
+
+from citadel.settings.base import *  # noqa: F403
+from citadel.settings.base import env
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY")
+DEBUG = False
+
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+SECURE_HSTS_PRELOAD = True
+SESSION_COOKIE_SECURE = True
+CSRF_COOKIE_SECURE = True

@@ -1,0 +1,36 @@
+"""Settings for the test suite: PostgreSQL on localhost when it answers, SQLite otherwise.
+
+Tests that need PostgreSQL, Redis or Chromium skip with a message when they are missing,
+except under CI (CI=true), where a missing service fails them (see tests/conftest.py).
+"""
+
+import os
+import socket
+import tempfile
+
+from citadel.settings.base import *  # noqa: F403
+from citadel.settings.base import DATABASES, env
+
+SECRET_KEY = "test-only-not-secret"  # noqa: S105 - the test settings never serve real users
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+if "DATABASE_URL" not in os.environ:
+    if _port_open("127.0.0.1", 5432):
+        DATABASES["default"] = env.db_url_config("postgres://postgres@127.0.0.1:5432/citadel")
+    else:
+        DATABASES["default"] = env.db_url_config(f"sqlite:///{tempfile.gettempdir()}/citadel-test.sqlite3")
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not memory, so that worker and web processes started by the tests share it.
+    DATABASES["default"]["TEST"] = {"NAME": f"{tempfile.gettempdir()}/citadel-test-run.sqlite3"}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed; tests only
+CITADEL_WORKER_STALE_SECONDS = 10
+STATIC_ROOT = None  # the tests serve static files from the apps (WHITENOISE_USE_FINDERS)
