@@ -55,3 +55,45 @@ def cli_env(tmp_path):
                CITADEL_DATA_DIR=str(tmp_path / "data"),
                PYTHONPATH=os.pathsep.join([str(root / "platform"), str(root), env.get("PYTHONPATH", "")]))
     return env
+
+
+@pytest.fixture(scope="module")
+def live_stack(django_db_setup, django_db_blocker, tiny_checkpoint, tmp_path_factory):
+    """gunicorn + a real Celery worker on PostgreSQL and Redis, serving the tiny model as `tiny`."""
+    import subprocess
+    import sys
+
+    import redis
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.db import connection
+
+    from citadel.audit.services import Actor
+    from citadel.registry.models import Worker
+    from citadel.registry.services import deployment_create, model_register, pool_create
+    from tests import live_stack as ls
+
+    require(connection.vendor == "postgresql", "PostgreSQL on 127.0.0.1:5432")
+    require(port_open("127.0.0.1", 6379), "Redis on 127.0.0.1:6379")
+    redis.Redis.from_url(ls.REDIS_URL).flushdb()  # no stale messages from an earlier run
+    logs = tmp_path_factory.mktemp("live-logs")
+    env = ls.process_env(database_url(), tmp_path_factory.mktemp("live-data"))
+    pool = "e2e"
+    with django_db_blocker.unblock():
+        get_user_model().objects.create_user("e2e-admin", password="e2e-admin-password-123", is_staff=True)
+        model = model_register(name="tiny", path=str(tiny_checkpoint), actor=Actor.system())
+        deployment_create(model=model, pool=pool_create(name=pool, site="site-a", actor=Actor.system()),
+                          actor=Actor.system(), engine_settings={"device": "cpu"})
+    created = subprocess.run([sys.executable, "-m", "citadel.cli", "keys", "create", "--user", "e2e-admin",
+                              "--name", "e2e"], env=env, capture_output=True, text=True, check=True)
+    stack, processes = ls.launch(env=env, pool=pool, api_key=created.stdout.strip().splitlines()[-1], logs=logs)
+    try:
+        with django_db_blocker.unblock():
+            ls.wait_until(lambda: Worker.objects.filter(pool__name=pool, status="online")
+                          .exclude(loaded_models=[]).exists(), 90,
+                          "the worker coming online with its model loaded", stack)
+        yield stack
+    finally:
+        ls.stop(processes)
+        with django_db_blocker.unblock():
+            call_command("flush", interactive=False, verbosity=0)

@@ -82,7 +82,8 @@ def _fail(job: InferenceJob, *, code: str, message: str) -> None:
 def job_claim(*, job_id: str, worker_name: str) -> InferenceJob | None:
     """Move a queued job to running for this worker; None when it is not queued any more
     (already done, failed, or taken by a worker that crashed), so a redelivery does no harm."""
-    job = InferenceJob.objects.select_for_update().select_related("model", "deployment").filter(pk=job_id).first()
+    job = (InferenceJob.objects.select_for_update(of=("self",)).select_related("model", "deployment")
+           .filter(pk=job_id).first())
     if job is None or job.status != InferenceJob.Status.QUEUED:
         return None
     job.status, job.worker_name, job.started_at = InferenceJob.Status.RUNNING, worker_name, timezone.now()
@@ -112,7 +113,7 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
 @transaction.atomic
 def job_fail(*, job_id, code: str, message: str, actor: Actor) -> bool:
     """Fail a job that is not finished yet; False when it already was."""
-    job = InferenceJob.objects.select_for_update().select_related("model").filter(pk=job_id).first()
+    job = InferenceJob.objects.select_for_update(of=("self",)).select_related("model").filter(pk=job_id).first()
     if job is None or job.is_terminal:
         return False
     _fail(job, code=code, message=message)

@@ -37,11 +37,17 @@ class _InvalidParams(Exception):
              ignore_result=True)
 def run_inference(self, job_id: str) -> None:
     worker = self.request.hostname or "worker"
-    job = job_claim(job_id=job_id, worker_name=worker)
+    actor = Actor.system(worker)
+    try:
+        job = job_claim(job_id=job_id, worker_name=worker)
+    except Exception as error:  # e.g. the database is unreachable: fail the job if we still can
+        logger.exception("could not claim job %s", job_id)
+        job_fail(job_id=job_id, code="worker_error", message=f"The worker could not start the job: {error}",
+                 actor=actor)
+        return
     if job is None:
         logger.info("job %s is not queued any more; nothing to do", job_id)
         return
-    actor = Actor.system(worker)
     try:
         llm = engines.get(path=job.model.path, engine_settings=job.deployment.engine_settings)
         pieces, pending, index, last_flush = [], [], 0, time.monotonic()
