@@ -97,3 +97,6 @@ def live_stack(django_db_setup, django_db_blocker, tiny_checkpoint, tmp_path_fac
         ls.stop(processes)
         with django_db_blocker.unblock():
             call_command("flush", interactive=False, verbosity=0)
+            with connection.cursor() as cursor:  # a straggling connection would block dropping the test DB
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")

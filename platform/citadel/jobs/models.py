@@ -71,3 +71,6 @@ class InferenceChunk(models.Model):
     class Meta:
         ordering = ["job", "index"]
         constraints = [models.UniqueConstraint(fields=["job", "index"], name="one_chunk_per_index")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.index}"

@@ -21,6 +21,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(_queue_dir),
         "processed_folder": str((_data_dir / "broker" / "processed").resolve()),
         "store_processed": False,
+        "polling_interval": 0.05,
     }
 elif CELERY_BROKER_URL.startswith("redis"):
     # Longer than the longest task, so an unacknowledged job is not handed out twice while

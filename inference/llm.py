@@ -1,0 +1,241 @@
+"""The engine's public entry point: `LLM`, shaped like vLLM's offline API.
+
+`generate` and `chat` return whole results; `stream` and `stream_chat` yield one event per
+generated token, which is what the Celery worker forwards as server-sent events. All four run
+the same decode loop (`_decode`), so a stream's text deltas add up to exactly the text that
+`generate` returns for the same prompt, parameters and seed.
+
+This first version decodes one sequence at a time over transformers' model forward (see
+model_runner.py). A lock serialises model calls, one forward step at a time, so several
+threads may stream at once and their steps interleave; continuous batching replaces this later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .loader import check_checkpoint_folder, load_model, load_tokenizer, resolve_device, resolve_dtype
+from .model_runner import HFModelRunner
+from .outputs import RequestOutput, StreamEvent
+from .sampler import prompt_token_logprobs, request_generator, sample_token, token_logprobs
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+
+Prompt = str | list[int]
+Messages = list[dict]
+
+
+class LLM:
+    """A loaded model that generates text.
+
+    Args:
+        model: path to a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer).
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        dtype: "auto" (the checkpoint's dtype; float32 on CPU), "float32", "bfloat16" or "float16".
+        seed: seeds the engine's generator, which supplies the randomness of requests that set
+            no seed of their own (each such request still gets different draws). None: seeded
+            from the operating system.
+    """
+
+    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto", seed: int | None = 0):
+        from transformers import AutoConfig
+
+        self.model_path = check_checkpoint_folder(model)
+        self.device = resolve_device(device)
+        config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=False)
+        self.dtype = resolve_dtype(dtype, self.device, config)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self._runner = HFModelRunner(load_model(self.model_path, self.device, self.dtype))
+        self._eos_token_ids = self._find_eos_token_ids()
+        self._engine_generator = torch.Generator()
+        if seed is None:
+            self._engine_generator.seed()
+        else:
+            self._engine_generator.manual_seed(seed & (2**64 - 1))
+        self._lock = threading.Lock()
+        self._request_counter = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt plus completion) one sequence may hold."""
+        return self._runner.max_model_len
+
+    def count_tokens(self, text: str) -> int:
+        """How many prompt tokens `text` becomes (including a BOS the tokenizer adds)."""
+        return len(self.tokenizer(text).input_ids)
+
+    def generate(
+        self,
+        prompts: Prompt | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(params, len(prompt_list))
+        return [self._run(self._new_sequence(p, sp)) for p, sp in zip(prompt_list, params_list, strict=True)]
+
+    def chat(
+        self,
+        messages: Messages | list[Messages],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer each conversation ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template."""
+        conversations = _as_conversation_list(messages)
+        return self.generate([self._render_chat(c) for c in conversations], params)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Complete one prompt, yielding an event per generated token (the last one has finish_reason)."""
+        return self._decode(self._new_sequence(prompt, params or SamplingParams()))
+
+    def stream_chat(self, messages: Messages, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """`stream` for one conversation, with the checkpoint's chat template applied."""
+        return self.stream(self._render_chat(messages), params)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _render_chat(self, messages: Messages) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"the checkpoint {self.model_path} has no chat template (tokenizer_config.json "
+                "'chat_template'): use generate() with a plain prompt instead"
+            )
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # jinja2's TemplateError and whatever the template raises
+            raise ValueError(
+                f"the chat template of {self.model_path} rejected the messages: {error}"
+            ) from error
+
+    def _new_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str):
+            # A rendered chat template already holds its special tokens (BOS included).
+            has_bos = self.tokenizer.bos_token is not None and prompt.startswith(self.tokenizer.bos_token)
+            with self._lock:  # fast tokenizers can fail with "Already borrowed" when shared by threads
+                token_ids = self.tokenizer(prompt, add_special_tokens=not has_bos).input_ids
+            text: str | None = prompt
+        else:
+            token_ids, text = list(prompt), None
+            vocab = len(self.tokenizer)
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if not token_ids:
+            raise ValueError("the prompt is empty: pass at least one token or character")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but the model holds at most {self.max_model_len}: "
+                "shorten the prompt"
+            )
+        return Sequence(
+            request_id=str(next(self._request_counter)),
+            prompt=text,
+            prompt_token_ids=token_ids,
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+        )
+
+    def _run(self, seq: Sequence) -> RequestOutput:
+        for _ in self._decode(seq):
+            pass
+        return seq.to_output()
+
+    def _decode(self, seq: Sequence) -> Iterator[StreamEvent]:
+        """The decode loop: prefill the prompt, then sample, check stops and feed one token at a time."""
+        params = seq.params
+        stop_token_ids = set(params.stop_token_ids)
+        eos_token_ids = set() if params.ignore_eos else self._eos_token_ids
+        cache = self._runner.new_cache()
+        with self._lock:
+            generator = request_generator(params.seed, self._engine_generator)
+            logits = self._runner.forward(
+                seq.prompt_token_ids, cache, start=0, all_logits=params.prompt_logprobs is not None
+            )
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = prompt_token_logprobs(logits, seq.prompt_token_ids, params.prompt_logprobs)
+        last = logits[-1].cpu()  # [vocab]
+
+        while True:
+            token = sample_token(last, params, generator)
+            seq.token_ids.append(token)
+            event_logprobs = None
+            if params.logprobs is not None:
+                event_logprobs = [token_logprobs(torch.log_softmax(last, dim=-1), token, params.logprobs)]
+                seq.logprobs.append(event_logprobs[0])
+
+            if token in stop_token_ids:
+                seq.finish("stop", stop_reason=token)
+            elif token in eos_token_ids:
+                seq.finish("stop")
+            if seq.finish_reason is not None:  # the stopping token's own text is not part of the output
+                delta = seq.detokenizer.flush()
+            else:
+                delta = seq.detokenizer.add(token)
+                if seq.detokenizer.stop_string is not None:
+                    seq.finish("stop", stop_reason=seq.detokenizer.stop_string)
+                elif len(seq.token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                    seq.finish("length")
+                    delta += seq.detokenizer.flush()
+
+            yield StreamEvent(
+                text=delta,
+                token_ids=[token],
+                finish_reason=seq.finish_reason,
+                prompt_tokens=seq.num_prompt_tokens,
+                completion_tokens=len(seq.token_ids),
+                logprobs=event_logprobs,
+            )
+            if seq.finish_reason is not None:
+                return
+            with self._lock:
+                last = self._runner.forward([token], cache, start=seq.num_tokens - 1)[-1].cpu()
+
+    def _find_eos_token_ids(self) -> set[int]:
+        """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""
+        ids: set[int] = set()
+        model = self._runner.model
+        for source in (getattr(model, "generation_config", None), model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, list | tuple):
+        raise TypeError(
+            f"prompts must be a string, a list of token ids, or a list of either, got {type(prompts)}"
+        )
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    for p in prompts:
+        if not isinstance(p, str | list | tuple):
+            raise TypeError(f"each prompt must be a string or a list of token ids, got {type(p)}")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts: pass one, or one per prompt")
+    return list(params)
+
+
+def _as_conversation_list(messages) -> list[Messages]:
+    if messages and isinstance(messages, list | tuple) and all(isinstance(m, dict) for m in messages):
+        return [list(messages)]
+    if not isinstance(messages, list | tuple) or not all(isinstance(c, list | tuple) for c in messages):
+        raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
+    return [list(c) for c in messages]

@@ -1,0 +1,77 @@
+"""The console in a real Chromium: log in, see the models, stream a chat in the playground."""
+
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import require
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser(live_stack):
+    require(shutil.which(CHROMIUM) is not None, f"Chromium at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop in this thread; the test database work that
+    # pytest-django does around each test is still plain synchronous code.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield browser
+            browser.close()
+    finally:
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.fixture
+def page(browser, live_stack):
+    context = browser.new_context(base_url=live_stack.base_url)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+def log_in(page, password="e2e-admin-password-123"):
+    page.goto("/models/")
+    page.fill("input[name=username]", "e2e-admin")
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+
+
+def test_a_wrong_password_is_refused_with_a_message(page):
+    log_in(page, password="not-the-password")
+    assert page.get_by_role("alert").inner_text().startswith("Your username and password didn't match")
+    assert "/login/" in page.url
+
+
+def test_an_admin_logs_in_and_sees_the_deployed_model_served(page):
+    log_in(page)
+    page.wait_for_url("**/models/")
+    row = page.locator("tr", has_text="tiny")
+    assert "e2e (site-a)" in row.inner_text() and "serving" in row.inner_text()
+
+
+def test_the_playground_streams_a_reply_from_the_model_and_logout_ends_the_session(page):
+    log_in(page)
+    page.wait_for_url("**/models/")
+    page.click("text=Playground")
+    page.select_option("#model", "tiny")
+    page.fill("#max_tokens", "8")
+    page.fill("#message", "Hello from the browser")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant[data-done=true]")
+    assert page.locator(".msg.user").inner_text() == "Hello from the browser"
+    assert page.locator(".msg.assistant").inner_text().strip()
+    assert page.locator("#chat-error").is_hidden()
+    page.click("text=Log out")
+    page.goto("/playground/")
+    assert "/login/" in page.url
