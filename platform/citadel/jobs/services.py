@@ -53,9 +53,11 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
             details={"job": str(job.id), "pool": deployment.pool.name if deployment else None,
                      "stream": stream, **({"error": job.error_message} if deployment is None else {})},
         )
+        if deployment is not None:
+            # Only a committed job is handed to the broker, so a worker always finds its row.
+            transaction.on_commit(lambda: _publish(job))
     if deployment is None:
         raise ServiceUnavailable(job.error_message, code="no_worker")
-    _publish(job)
     return job
 
 

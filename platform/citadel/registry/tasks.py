@@ -10,7 +10,7 @@ from citadel.registry.models import Worker
 from citadel.registry.services import worker_offline
 
 
-@shared_task(name="citadel.registry.workers_mark_stale", queue="control", soft_time_limit=30, time_limit=60,
+@shared_task(name="citadel.registry.workers_mark_stale", soft_time_limit=30, time_limit=60,
              ignore_result=True)
 def workers_mark_stale() -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.CITADEL_WORKER_STALE_SECONDS)

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning with PEFT (torch, peft, transformers; never Django). Built in the fine-tuning issue."""
