@@ -73,3 +73,24 @@ def test_beat_marks_silent_workers_offline_and_audits_it():
     assert workers_mark_stale() == 1
     assert Worker.objects.get().status == "offline"
     assert AuditRecord.objects.filter(action="worker.offline", target_id="p@a").exists()
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_and_failed_after_too_many_tries(job):
+    from citadel.celery import app
+    from citadel.jobs.services import jobs_redispatch_queued
+
+    InferenceJob.objects.filter(pk=job.pk).update(dispatch_count=1,
+                                                  dispatched_at=timezone.now() - timedelta(minutes=1))
+    with app.connection_for_write() as conn:
+        conn.SimpleQueue("pool.p").clear()
+        assert jobs_redispatch_queued(older_than=timedelta(seconds=30), max_dispatches=3) == 1
+        message = conn.SimpleQueue("pool.p").get(timeout=2)
+        assert message.payload[0] == [str(job.id)]
+        message.ack()
+    job.refresh_from_db()
+    assert job.dispatch_count == 2 and job.status == "queued"
+    InferenceJob.objects.filter(pk=job.pk).update(dispatch_count=3,
+                                                  dispatched_at=timezone.now() - timedelta(minutes=1))
+    assert jobs_redispatch_queued(older_than=timedelta(seconds=30), max_dispatches=3) == 0
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_code == "worker_lost"

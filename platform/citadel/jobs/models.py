@@ -38,6 +38,8 @@ class InferenceJob(models.Model):
     stream = models.BooleanField(default=False)
     payload = models.JSONField(help_text="Messages or prompt and sampling settings, as the worker needs them.")
     worker_name = models.CharField(max_length=200, blank=True)
+    dispatch_count = models.PositiveIntegerField(default=0, help_text="Times the job id was sent to the broker.")
+    dispatched_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     text = models.TextField(blank=True)
     finish_reason = models.CharField(max_length=16, blank=True)

@@ -5,8 +5,10 @@ is accepted or refused and the outcome when it ends.
 """
 
 import logging
+from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from citadel.audit.services import Actor, audit_record
@@ -62,16 +64,43 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
 
 
 def _publish(job: InferenceJob) -> None:
+    """Send the job id to its pool's queue; a broker failure fails the job with a clear error."""
     from citadel.jobs.tasks import run_inference
 
     try:
         run_inference.apply_async(args=[str(job.id)], queue=job.pool.queue)
     except Exception as error:  # the broker is down or refused the message
         logger.exception("could not publish job %s", job.id)
-        with transaction.atomic():
-            _fail(job, code="broker_unavailable", message=f"The job queue is unavailable: {error}")
+        job_fail(job_id=job.id, code="broker_unavailable", message=f"The job queue is unavailable: {error}",
+                 actor=Actor.system("dispatcher"))
         raise ServiceUnavailable("The job queue is unavailable; try again shortly.", code="broker_unavailable") \
             from error
+    InferenceJob.objects.filter(pk=job.pk).update(dispatch_count=F("dispatch_count") + 1,
+                                                  dispatched_at=timezone.now())
+
+
+def jobs_redispatch_queued(*, older_than: timedelta, max_dispatches: int) -> int:
+    """Send again the ids of jobs still queued long after their last dispatch.
+
+    The broker is transport only: if a message was lost (a broker restart without persistence),
+    the row is still queued and this recovers it. A duplicate is harmless: job_claim runs a job once.
+    Jobs that have been sent `max_dispatches` times are failed instead of retried for ever.
+    """
+    cutoff = timezone.now() - older_than
+    stale = InferenceJob.objects.filter(status=InferenceJob.Status.QUEUED, dispatched_at__lt=cutoff,
+                                        pool__isnull=False).select_related("pool")
+    count = 0
+    for job in stale:
+        if job.dispatch_count >= max_dispatches:
+            job_fail(job_id=job.id, code="worker_lost", actor=Actor.system("dispatcher"),
+                     message=f"No worker in pool '{job.pool.name}' took the job after {job.dispatch_count} tries.")
+            continue
+        try:
+            _publish(job)
+            count += 1
+        except ServiceUnavailable:
+            pass  # already failed with the broker's error
+    return count
 
 
 def _fail(job: InferenceJob, *, code: str, message: str) -> None:

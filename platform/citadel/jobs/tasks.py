@@ -2,6 +2,7 @@
 
 import logging
 import time
+from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -10,7 +11,7 @@ from citadel.audit.services import Actor
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
 from citadel.jobs.engines import engines
 from citadel.jobs.models import InferenceJob
-from citadel.jobs.services import job_append_chunk, job_claim, job_fail, job_succeed
+from citadel.jobs.services import job_append_chunk, job_claim, job_fail, job_succeed, jobs_redispatch_queued
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +74,9 @@ def run_inference(self, job_id: str) -> None:
     except Exception as error:  # the engine failed: the client gets an error, the worker lives on
         logger.exception("job %s failed", job_id)
         job_fail(job_id=job_id, code="engine_error", message=f"{type(error).__name__}: {error}", actor=actor)
+
+
+@shared_task(name="citadel.jobs.redispatch_queued", soft_time_limit=60, time_limit=90, ignore_result=True)
+def redispatch_queued() -> int:
+    """Beat: recover jobs whose broker message was lost (see jobs_redispatch_queued)."""
+    return jobs_redispatch_queued(older_than=timedelta(seconds=30), max_dispatches=5)

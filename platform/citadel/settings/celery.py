@@ -40,9 +40,6 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE_FILENAME = str(_data_dir / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
-    "workers-mark-stale": {
-        "task": "citadel.registry.workers_mark_stale",
-        "schedule": 15.0,
-        "options": {"queue": "control"},
-    },
+    "workers-mark-stale": {"task": "citadel.registry.workers_mark_stale", "schedule": 15.0},
+    "jobs-redispatch-queued": {"task": "citadel.jobs.redispatch_queued", "schedule": 30.0},
 }

@@ -34,3 +34,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed; tests only
 CITADEL_WORKER_STALE_SECONDS = 10
 STATIC_ROOT = None  # the tests serve static files from the apps (WHITENOISE_USE_FINDERS)
+# In-process transport: unit tests that dispatch need no broker; e2e processes get Redis via the env.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="memory://")
+CELERY_BROKER_TRANSPORT_OPTIONS = {}
