@@ -6,7 +6,7 @@ from django.shortcuts import redirect, render
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.views import APIView
 
-from citadel.gateway.apis import run_job
+from citadel.gateway.apis import inference_request
 from citadel.gateway.serializers import ChatCompletionInput
 from citadel.jobs.models import InferenceJob
 from citadel.registry.models import Deployment, Model
@@ -38,6 +38,6 @@ class PlaygroundStreamApi(APIView):
     schema = None
 
     def post(self, request):
-        data = ChatCompletionInput(data={**request.data, "stream": True})
-        data.is_valid(raise_exception=True)
-        return run_job(request, data, kind=InferenceJob.Kind.CHAT)
+        body = request.data if isinstance(request.data, dict) else {}
+        return inference_request(request, ChatCompletionInput, kind=InferenceJob.Kind.CHAT,
+                                 data={**body, "stream": True})  # the playground always streams

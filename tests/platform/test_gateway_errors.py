@@ -118,3 +118,16 @@ def test_models_lists_only_deployed_models(key, deployed_model, tiny_checkpoint)
     response = Client().get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key.key}")
     assert response.status_code == 200
     assert [m["id"] for m in response.json()["data"]] == ["tiny"]
+
+
+def test_refused_inference_requests_and_refused_keys_are_audited_without_the_secret(key):
+    post(Client(), "/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+         key)
+    post(Client(), "/v1/completions", {"model": "tiny", "prompt": ""}, key)
+    refused = AuditRecord.objects.filter(action__startswith="inference.", outcome="failure")
+    assert sorted(refused.values_list("action", "target_id")) == [("inference.chat", "no-such-model"),
+                                                                   ("inference.completion", "tiny")]
+    Client().get("/v1/models", HTTP_AUTHORIZATION="Bearer cit_0badc0de_secretpart")
+    record = AuditRecord.objects.get(action="api_key.authenticate")
+    assert record.outcome == "denied" and record.target_id == "0badc0de"
+    assert "secretpart" not in str(AuditRecord.objects.values().get(pk=record.pk))

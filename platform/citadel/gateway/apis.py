@@ -5,12 +5,13 @@ project's one exception handler.
 """
 
 from django.http import StreamingHttpResponse
+from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from citadel.accounts.authentication import ApiKeyAuthentication
-from citadel.audit.services import Actor
-from citadel.core.exceptions import NotFound
+from citadel.audit.services import Actor, audit_record
+from citadel.core.exceptions import CitadelError, NotFound, ServiceUnavailable
 from citadel.gateway.openai_format import completion_body
 from citadel.gateway.serializers import ChatCompletionInput, CompletionInput
 from citadel.gateway.streaming import job_event_stream
@@ -60,15 +61,27 @@ def run_job(request, data, *, kind: str):
     return Response(completion_body(job))
 
 
+def inference_request(request, serializer_class, *, kind: str, data=None):
+    """Validate and run one inference request; a refused one is audited before its error goes back."""
+    body = request.data if data is None else data
+    try:
+        data = serializer_class(data=body)
+        data.is_valid(raise_exception=True)
+        return run_job(request, data, kind=kind)
+    except (CitadelError, ValidationError, ParseError) as error:
+        if not isinstance(error, ServiceUnavailable):  # job_submit audits what it refuses itself
+            model = body.get("model") if isinstance(body, dict) else None
+            audit_record(actor=Actor.for_request(request), action=f"inference.{kind}", outcome="failure",
+                         target_type="model", target_id=str(model or "")[:200], request=request,
+                         details={"error": type(error).__name__, "message": str(error)[:500]})
+        raise
+
+
 class ChatCompletionApi(OpenAIApi):
     def post(self, request):
-        data = ChatCompletionInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        return run_job(request, data, kind=InferenceJob.Kind.CHAT)
+        return inference_request(request, ChatCompletionInput, kind=InferenceJob.Kind.CHAT)
 
 
 class CompletionApi(OpenAIApi):
     def post(self, request):
-        data = CompletionInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        return run_job(request, data, kind=InferenceJob.Kind.COMPLETION)
+        return inference_request(request, CompletionInput, kind=InferenceJob.Kind.COMPLETION)
