@@ -1,13 +1,17 @@
 """The engine's public entry point: `LLM`, shaped like vLLM's offline API.
 
 `generate` and `chat` return whole results; `stream` and `stream_chat` yield one event per
-generated token, which is what the Celery worker forwards as server-sent events. All four run
-the same decode loop (`_decode`), so a stream's text deltas add up to exactly the text that
-`generate` returns for the same prompt, parameters and seed.
+generated token, which is what the Celery worker forwards as server-sent events. All four go
+through the same path for a given model, so a stream's text deltas add up to exactly the text
+that `generate` returns for the same prompt, parameters and seed.
 
-This first version decodes one sequence at a time over transformers' model forward (see
-model_runner.py). A lock serialises model calls, one forward step at a time, so several
-threads may stream at once and their steps interleave; continuous batching replaces this later.
+Families with a native definition in inference/models (see models/registry.py) run on
+Citadel's runtime (inference/engine): one engine loop thread per LLM steps a continuous batch,
+so the prompts of one `generate` call, and concurrent `stream` callers in several threads, are
+decoded together. Families still served through transformers (DeepSeek-V4 until its native
+definition lands) decode one sequence at a time over transformers' forward (model_runner.py),
+a lock serialising model calls so that threads' steps interleave. Both paths end requests in
+the same place (Sequence.append_token), so they stop, stream and report identically.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from pathlib import Path
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .engine import EngineConfig, EngineLoop, LLMEngine
+from .engine.loop import EngineFailure
 from .loader import check_checkpoint_folder, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .model_runner import HFModelRunner
+from .models import registry
 from .outputs import RequestOutput, StreamEvent
 from .sampler import prompt_token_logprobs, request_generator, sample_token, token_logprobs
 from .sampling_params import SamplingParams
@@ -41,18 +48,29 @@ class LLM:
         seed: seeds the engine's generator, which supplies the randomness of requests that set
             no seed of their own (each such request still gets different draws). None: seeded
             from the operating system.
+        **engine_settings: scheduling and cache settings of the native runtime (EngineConfig:
+            max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory, max_model_len).
     """
 
-    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto", seed: int | None = 0):
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        seed: int | None = 0,
+        **engine_settings,
+    ):
         from transformers import AutoConfig
 
         self.model_path = check_checkpoint_folder(model)
         self.device = resolve_device(device)
         config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=False)
+        self.uses_engine = registry.uses_engine(config)  # refuses an unsupported architecture
+        engine_config = _engine_config(engine_settings)
         self.dtype = resolve_dtype(dtype, self.device, config)
         self.tokenizer = load_tokenizer(self.model_path)
-        self._runner = HFModelRunner(load_model(self.model_path, self.device, self.dtype))
-        self._eos_token_ids = self._find_eos_token_ids()
+        vocab = len(self.tokenizer)
+        self._vocab_size = min(vocab, getattr(config, "vocab_size", None) or vocab)
         self._engine_generator = torch.Generator()
         if seed is None:
             self._engine_generator.seed()
@@ -60,15 +78,50 @@ class LLM:
             self._engine_generator.manual_seed(seed & (2**64 - 1))
         self._lock = threading.Lock()
         self._request_counter = itertools.count()
+        self._loop: EngineLoop | None = None
+        self._runner: HFModelRunner | None = None
+        if self.uses_engine:
+            native = registry.load_model(self.model_path, config, self.device, self.dtype)
+            self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
+            engine = LLMEngine(
+                native, engine_config, self.device, self._eos_token_ids, self._engine_generator, self._lock
+            )
+            self._loop = EngineLoop(engine)
+        else:
+            self._runner = HFModelRunner(load_model(self.model_path, self.device, self.dtype))
+            hf_model = self._runner.model
+            self._eos_token_ids = self._find_eos_token_ids(
+                hf_model.config, getattr(hf_model, "generation_config", None)
+            )
 
     @property
     def max_model_len(self) -> int:
         """Most tokens (prompt plus completion) one sequence may hold."""
+        if self._loop is not None:
+            return self._loop.engine.max_model_len
         return self._runner.max_model_len
 
     def count_tokens(self, text: str) -> int:
         """How many prompt tokens `text` becomes (including a BOS the tokenizer adds)."""
-        return len(self.tokenizer(text).input_ids)
+        with self._lock:
+            return len(self.tokenizer(text).input_ids)
+
+    def stats(self) -> dict:
+        """Engine counters: steps, batch sizes (last, max, mean, histogram), tokens, preemptions, pages."""
+        if self._loop is None:
+            return {"backend": "transformers"}
+        return {"backend": "citadel", **self._loop.stats()}
+
+    def close(self) -> None:
+        """Stop the engine loop thread (requests still in flight fail); the LLM is unusable afterwards."""
+        if self._loop is not None:
+            self._loop.close()
+
+    def __del__(self) -> None:
+        # The loop thread holds the engine (weights, cache), not this object: stop it with us.
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.close(wait=False)
 
     def generate(
         self,
@@ -78,7 +131,19 @@ class LLM:
         """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(params, len(prompt_list))
-        return [self._run(self._new_sequence(p, sp)) for p, sp in zip(prompt_list, params_list, strict=True)]
+        seqs = [self._new_sequence(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
+        if self._loop is None:
+            return [self._run(seq) for seq in seqs]
+        outboxes = [self._loop.submit(seq) for seq in seqs]  # all at once: they decode as one batch
+        try:
+            for outbox in outboxes:
+                for _ in _events(outbox):
+                    pass
+        finally:
+            for seq in seqs:
+                if seq.finish_reason is None:
+                    self._loop.abort(seq.request_id)
+        return [seq.to_output() for seq in seqs]
 
     def chat(
         self,
@@ -90,8 +155,14 @@ class LLM:
         return self.generate([self._render_chat(c) for c in conversations], params)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
-        """Complete one prompt, yielding an event per generated token (the last one has finish_reason)."""
-        return self._decode(self._new_sequence(prompt, params or SamplingParams()))
+        """Complete one prompt, yielding an event per generated token (the last one has finish_reason).
+
+        Several threads may stream at once: with the native runtime their requests share batches.
+        """
+        seq = self._new_sequence(prompt, params or SamplingParams())
+        if self._loop is None:
+            return self._decode(seq)
+        return self._stream(seq)
 
     def stream_chat(self, messages: Messages, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """`stream` for one conversation, with the checkpoint's chat template applied."""
@@ -121,7 +192,7 @@ class LLM:
             text: str | None = prompt
         else:
             token_ids, text = list(prompt), None
-            vocab = len(self.tokenizer)
+            vocab = self._vocab_size
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
@@ -140,6 +211,14 @@ class LLM:
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
         )
 
+    def _stream(self, seq: Sequence) -> Iterator[StreamEvent]:
+        outbox = self._loop.submit(seq)
+        try:
+            yield from _events(outbox)
+        finally:  # the caller stopped early (or failed): free the request's place in the batch
+            if seq.finish_reason is None:
+                self._loop.abort(seq.request_id)
+
     def _run(self, seq: Sequence) -> RequestOutput:
         for _ in self._decode(seq):
             pass
@@ -148,8 +227,6 @@ class LLM:
     def _decode(self, seq: Sequence) -> Iterator[StreamEvent]:
         """The decode loop: prefill the prompt, then sample, check stops and feed one token at a time."""
         params = seq.params
-        stop_token_ids = set(params.stop_token_ids)
-        eos_token_ids = set() if params.ignore_eos else self._eos_token_ids
         cache = self._runner.new_cache()
         with self._lock:
             generator = request_generator(params.seed, self._engine_generator)
@@ -162,50 +239,54 @@ class LLM:
 
         while True:
             token = sample_token(last, params, generator)
-            seq.token_ids.append(token)
             event_logprobs = None
             if params.logprobs is not None:
-                event_logprobs = [token_logprobs(torch.log_softmax(last, dim=-1), token, params.logprobs)]
-                seq.logprobs.append(event_logprobs[0])
-
-            if token in stop_token_ids:
-                seq.finish("stop", stop_reason=token)
-            elif token in eos_token_ids:
-                seq.finish("stop")
-            if seq.finish_reason is not None:  # the stopping token's own text is not part of the output
-                delta = seq.detokenizer.flush()
-            else:
-                delta = seq.detokenizer.add(token)
-                if seq.detokenizer.stop_string is not None:
-                    seq.finish("stop", stop_reason=seq.detokenizer.stop_string)
-                elif len(seq.token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                    seq.finish("length")
-                    delta += seq.detokenizer.flush()
-
-            yield StreamEvent(
-                text=delta,
-                token_ids=[token],
-                finish_reason=seq.finish_reason,
-                prompt_tokens=seq.num_prompt_tokens,
-                completion_tokens=len(seq.token_ids),
-                logprobs=event_logprobs,
-            )
+                event_logprobs = token_logprobs(torch.log_softmax(last, dim=-1), token, params.logprobs)
+            event = seq.append_token(token, event_logprobs, self._eos_token_ids, self.max_model_len)
+            yield event
             if seq.finish_reason is not None:
                 return
             with self._lock:
                 last = self._runner.forward([token], cache, start=seq.num_tokens - 1)[-1].cpu()
 
-    def _find_eos_token_ids(self) -> set[int]:
+    def _find_eos_token_ids(self, config, generation_config) -> set[int]:
         """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""
         ids: set[int] = set()
-        model = self._runner.model
-        for source in (getattr(model, "generation_config", None), model.config, self.tokenizer):
+        for source in (generation_config, config, self.tokenizer):
             value = getattr(source, "eos_token_id", None)
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, list | tuple):
                 ids.update(v for v in value if isinstance(v, int))
         return ids
+
+
+def _events(outbox) -> Iterator[StreamEvent]:
+    """A request's events from the engine loop, up to the one that finishes it."""
+    while True:
+        item = outbox.get()
+        if isinstance(item, BaseException):
+            raise EngineFailure(f"the engine failed while serving the request: {item}") from item
+        yield item
+        if item.finish_reason is not None:
+            return
+
+
+def _engine_config(settings: dict) -> EngineConfig:
+    try:
+        return EngineConfig(**settings)
+    except TypeError as error:
+        known = ", ".join(EngineConfig.__dataclass_fields__)
+        raise TypeError(f"unknown engine setting in {sorted(settings)}: the settings are {known}") from error
+
+
+def _generation_config(path: Path):
+    """generation_config.json when the checkpoint has one (its eos ids end generation)."""
+    if not (path / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(path)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

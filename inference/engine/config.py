@@ -1,0 +1,33 @@
+"""The engine's knobs, validated once, so a bad deployment setting fails at load with a clear message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling and cache settings (each may come from a deployment's engine_settings)."""
+
+    max_num_seqs: int = 128
+    """Most sequences in the running batch at once."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step: decodes (one token each) plus prefill chunks; longer prompts are
+    prefilled in chunks over several steps, so running decodes are never stalled behind them."""
+    block_size: int = 16
+    """Tokens per cache page (for the model's widest one-entry-per-token cache group)."""
+    kv_cache_memory: int | None = None
+    """Bytes of cache memory; None: a share of free memory, capped at what max_num_seqs full
+    sequences can use."""
+    max_model_len: int | None = None
+    """Most tokens (prompt plus completion) per sequence; None: the model's maximum."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("kv_cache_memory", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

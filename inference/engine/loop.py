@@ -1,0 +1,147 @@
+"""One thread that steps the engine while there is work, serving callers from any thread.
+
+Callers (Celery tasks, `LLM.generate`, several `LLM.stream` iterators at once) submit
+sequences and read their StreamEvents from a queue of their own; the loop thread is the only
+one that touches the engine, so every request that is in flight at a step shares that step's
+batch. When a step fails, every unfinished request receives the exception (nobody hangs) and
+the loop carries on with new requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from .llm_engine import LLMEngine
+from .sequence import Sequence
+
+logger = logging.getLogger("inference.engine")
+
+LOG_INTERVAL_SECONDS = 10.0
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while serving this request (the cause is chained)."""
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "citadel-engine"):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outboxes: dict[str, queue.SimpleQueue] = {}
+        self._stats_lock = threading.Lock()
+        self._closed = False
+        self._last_log = time.monotonic()
+        self._logged_steps = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> queue.SimpleQueue:
+        """Queue `seq`; its StreamEvents (or an exception) arrive on the returned queue."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("add", seq, outbox))
+        return outbox
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+
+    def stats(self) -> dict:
+        with self._stats_lock:
+            stats = self.engine.stats.as_dict()
+            stats["running"] = len(self.engine.scheduler.running)
+            stats["waiting"] = len(self.engine.scheduler.waiting)
+            stats["kv_pages_total"] = self.engine.runner.block_manager.num_pages - 1
+            stats["kv_pages_free"] = self.engine.runner.block_manager.num_free_pages
+        return stats
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the loop thread; requests still in flight receive EngineFailure."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("close", None, None))
+        if wait:
+            self._thread.join(timeout=10)
+
+    # -- the loop thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            # Sleep until something arrives when idle; otherwise take what is there and step.
+            block = not self.engine.has_unfinished()
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                message = None
+            while message is not None:
+                if message[0] == "close":
+                    self._fail_everything(EngineFailure("the engine was closed"))
+                    return
+                self._handle(message)
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    message = None
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                with self._stats_lock:
+                    events = self.engine.step()
+            except Exception as error:
+                logger.exception("engine step failed; failing the requests in flight")
+                self._fail_everything(error)
+                continue
+            for seq, event in events:
+                outbox = self._outboxes.get(seq.request_id)
+                if outbox is not None:
+                    outbox.put(event)
+                    if event.finish_reason is not None:
+                        del self._outboxes[seq.request_id]
+            self._maybe_log()
+
+    def _handle(self, message) -> None:
+        kind, payload, outbox = message
+        if kind == "add":
+            try:
+                with self._stats_lock:
+                    self.engine.add_request(payload)
+            except Exception as error:  # a request the engine refuses must not take the loop down
+                outbox.put(error)
+                return
+            self._outboxes[payload.request_id] = outbox
+        elif kind == "abort":
+            self._outboxes.pop(payload, None)
+            with self._stats_lock:
+                self.engine.abort(payload)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._stats_lock:
+            self.engine.fail_all()
+        for outbox in self._outboxes.values():
+            outbox.put(error)
+        self._outboxes.clear()
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < LOG_INTERVAL_SECONDS:
+            return
+        stats = self.engine.stats
+        steps = stats.steps - self._logged_steps
+        logger.info(
+            "engine: %d steps in %.0fs, batch size last %d max %d mean %.1f, running %d, waiting %d, "
+            "preemptions %d, free KV pages %d",
+            steps,
+            now - self._last_log,
+            stats.last_batch_size,
+            stats.max_batch_size,
+            stats.batch_size_sum / max(stats.steps, 1),
+            len(self.engine.scheduler.running),
+            len(self.engine.scheduler.waiting),
+            stats.preemptions,
+            self.engine.runner.block_manager.num_free_pages,
+        )
+        self._last_log, self._logged_steps = now, stats.steps

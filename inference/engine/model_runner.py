@@ -1,0 +1,158 @@
+"""Turns a scheduled batch into one flattened model call, and owns the cache memory.
+
+The batch becomes [T] input ids and positions (every sequence's new tokens back to back, no
+padding), a ForwardContext with the block tables and write slots of each cache group, and a
+list of the rows whose logits are needed: the last row of each sequence that samples this step,
+and the prompt rows whose log-probabilities were asked for. Only those rows reach the LM head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import BlockManager
+from .cache import PagedCache
+from .config import EngineConfig
+from .context import ForwardContext, GroupTables
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+CPU_MEMORY_SHARE = 0.25
+"""Without kv_cache_memory, the cache may take this share of the host's available memory ..."""
+GPU_MEMORY_SHARE = 0.8
+"""... or of the GPU's free memory once the weights are loaded."""
+
+
+@dataclass
+class StepLogits:
+    """The logits a step produced, float32."""
+
+    sample_seqs: list[Sequence]
+    sample_logits: torch.Tensor
+    """[len(sample_seqs), vocab]: the next-token logits of each sequence that samples."""
+    prompt_parts: list[tuple[Sequence, range, torch.Tensor]]
+    """(sequence, prompt positions t, logits [len(t), vocab] predicting token t) per prompt_logprobs chunk."""
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, device: torch.device):
+        self.model = model
+        self.device = device
+        self.block_size = config.block_size
+        self.spec = model.cache_spec()
+        page_bytes = self.spec.page_bytes(self.block_size)
+        num_slots = config.max_num_seqs if self.spec.slot_groups else 0
+        slot_bytes = num_slots * self.spec.slot_bytes
+        model_len = min(model.max_model_len, config.max_model_len or model.max_model_len)
+        sizing = BlockManager(self.spec, 2, 0, self.block_size)
+        wanted = config.max_num_seqs * sizing.pages_for(model_len) + 1  # never more than can be used
+        budget = config.kv_cache_memory or self._default_cache_bytes()
+        num_pages = min(max(budget - slot_bytes, 0) // page_bytes, wanted)
+        if num_pages < 2:
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds no cache page (one page is {page_bytes} bytes for "
+                f"block_size={self.block_size}, and {slot_bytes} bytes go to max_num_seqs={config.max_num_seqs} "
+                "per-sequence slots): give the cache more memory"
+            )
+        self.cache = PagedCache(self.spec, num_pages, num_slots, self.block_size, device)
+        self.block_manager = BlockManager(self.spec, num_pages, num_slots, self.block_size)
+        self.max_model_len = min(model_len, self.block_manager.max_tokens_per_sequence())
+        logger.info(
+            "KV cache: %d pages of %d bytes (%.1f MiB), %d tokens per sequence at most",
+            num_pages,
+            page_bytes,
+            num_pages * page_bytes / 2**20,
+            self.max_model_len,
+        )
+
+    def _default_cache_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * GPU_MEMORY_SHARE)
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(available * CPU_MEMORY_SHARE)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        self.cache.zero(*self.block_manager.take_new())
+        # Decodes (one token) first, so attention serves them with one batched gather.
+        order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_tokens[i] for i in order]
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_starts, context_lens = [0], []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, range, int]] = []  # (seq, targets, first row)
+        for seq, count in zip(seqs, counts, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + count
+            row0 = query_starts[-1]
+            input_ids += seq.tokens(start, end)
+            positions += range(start, end)
+            query_starts.append(row0 + count)
+            context_lens.append(end)
+            if seq.prompt_logprobs is not None:
+                targets = range(max(len(seq.prompt_logprobs), start + 1), min(end + 1, seq.num_prompt_tokens))
+                if targets:
+                    prompt_rows.append((seq, targets, row0 + targets.start - 1 - start))
+            if end == seq.num_tokens:
+                sample_rows.append(row0 + count - 1)
+                sample_seqs.append(seq)
+
+        device = self.device
+        ids = torch.tensor(input_ids, dtype=torch.long, device=device)  # [T]
+        pos = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
+        num_decodes = sum(1 for c in counts if c == 1)
+        ctx = ForwardContext(
+            query_lens=counts,
+            context_lens=context_lens,
+            query_starts=query_starts,
+            num_decodes=num_decodes,
+            decode_context_lens=torch.tensor(context_lens[:num_decodes], dtype=torch.long, device=device),
+            prompt_lens=[seq.num_prompt_tokens for seq in seqs],
+            groups=self._group_tables(seqs, counts, pos),
+            slots=torch.tensor([seq.slot for seq in seqs], device=device) if self.spec.slot_groups else None,
+            caches=self.cache.caches,
+        )
+        hidden = self.model(ids, pos, ctx)  # [T, H]
+
+        rows = sample_rows + [
+            r for _, targets, first in prompt_rows for r in range(first, first + len(targets))
+        ]
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(rows, dtype=torch.long, device=device)]
+        ).float()
+        parts, offset = [], len(sample_rows)
+        for seq, targets, _ in prompt_rows:
+            parts.append((seq, targets, logits[offset : offset + len(targets)]))
+            offset += len(targets)
+        return StepLogits(sample_seqs, logits[: len(sample_rows)], parts)
+
+    def _group_tables(
+        self, seqs: list[Sequence], counts: list[int], pos: torch.Tensor
+    ) -> dict[str, GroupTables]:
+        tables: dict[str, GroupTables] = {}
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(seqs), device=self.device), torch.tensor(counts, device=self.device)
+        )  # [T]
+        for index, group in enumerate(self.spec.paged_groups):
+            rows = [seq.block_tables[index] for seq in seqs]
+            width = max(len(r) for r in rows)
+            block_tables = torch.tensor(
+                [r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device
+            )  # [B, pages]
+            entries = self.spec.page_entries(group, self.block_size)
+            table = GroupTables(block_tables, entries)
+            if group.tokens_per_entry == 1:
+                table.slot_pages = block_tables[seq_of_token, pos // entries]  # [T]
+                table.slot_offsets = pos % entries  # [T]
+            tables[group.name] = table
+        return tables

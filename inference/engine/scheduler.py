@@ -1,0 +1,112 @@
+"""Continuous batching: which sequences run at each step, and how many tokens each one feeds.
+
+Every step first serves the running sequences, oldest first: a decoding sequence feeds its
+one new token, a sequence in the middle of its prompt feeds the next chunk. Then waiting
+sequences are admitted, oldest first, while the step's token budget, the running-batch size
+and the free cache pages allow; a prompt longer than what is left of the budget starts with a
+chunk (chunked prefill), so one long prompt never stalls the decodes of everybody else.
+
+When a running sequence needs a page and none is free, the newest running sequence is
+preempted: its pages go back to the pool, its tokens (prompt and everything generated so far)
+stay with it, and it returns to the front of the waiting queue to recompute its cache later.
+No request is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: sequences and the tokens each one feeds, starting at its num_computed_tokens."""
+
+    seqs: list[Sequence]
+    num_tokens: list[int]
+    num_preempted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+
+        # 1. Running sequences, oldest first; preempt from the newest end when pages run out.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_grow(seq, seq.num_computed_tokens + count):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.grow(seq, seq.num_computed_tokens + count)
+                batch.seqs.append(seq)
+                batch.num_tokens.append(count)
+                budget -= count
+                index += 1
+                continue
+            # `seq` was the newest and preempted itself: nothing after it is left to serve.
+
+        # 2. Waiting sequences, oldest first, unless this step had to preempt (memory is tight).
+        while self.waiting and budget > 0 and not batch.num_preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_grow(seq, seq.num_computed_tokens + count):
+                break
+            self.waiting.popleft()
+            self.block_manager.grow(seq, seq.num_computed_tokens + count)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(count)
+            budget -= count
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Record that the step wrote the cache entries of the tokens it fed."""
+        for seq, count in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed_tokens += count
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence wherever it is and free its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,74 @@
+"""Mixture-of-experts dispatch that groups tokens by expert (no Python loop over tokens).
+
+The (token, expert) assignments of a step are sorted by expert, so each expert's tokens form
+one contiguous slice: one matmul per expert that has tokens (experts with none are skipped), or
+a single grouped matmul on GPUs that have one. Results are weighted and summed back per token in
+expert order, as transformers does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_softmax_router(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """router_logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k]).
+
+    Softmax in float32 over all experts, keep the top k, optionally renormalise them to sum to 1
+    (Qwen3-MoE's norm_topk_prob; Mixtral always does).
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def moe_dispatch(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for every token.
+
+    x [T, H]; w_gate_up [E, 2I, H] (gate rows, then up rows); w_down [E, H, I];
+    weights and ids [T, k]. Each expert computes down(act(gate(x)) * up(x)).
+    """
+    num_experts, top_k = w_gate_up.shape[0], ids.shape[1]
+    flat_ids = ids.flatten()  # [T * k]
+    order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens ascending within
+    token_of = order // top_k  # [T * k]
+    xs = x[token_of]  # [T * k, H]
+    counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
+    if _grouped_mm_available(xs, w_gate_up):
+        offsets = torch.cumsum(counts, dim=0).to(torch.int32)
+        gate, up = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        out = torch._grouped_mm(act(gate) * up, w_down.transpose(1, 2), offs=offsets)
+    else:
+        out = torch.empty_like(xs)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                rows = slice(start, start + count)
+                gate, up = F.linear(xs[rows], w_gate_up[expert]).chunk(2, dim=-1)
+                out[rows] = F.linear(act(gate) * up, w_down[expert])
+                start += count
+    out = out * weights.flatten()[order][:, None]
+    return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def _grouped_mm_available(xs: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm: bfloat16 on Hopper-class GPUs or newer."""
+    return (
+        xs.is_cuda
+        and xs.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(xs.device) >= (9, 0)
+    )

@@ -1,0 +1,337 @@
+"""DeepSeek-V4 attention over a batched step: sliding window, CSA (compressed + top-k), HCA.
+
+Every layer attends over its sliding window of shared keys/values (MQA, one KV head) with a
+learned per-head sink; CSA and HCA layers add compressed entries, one per `m` tokens, pooled by
+a Compressor. HCA attends to all visible entries; CSA attends to the `index_topk` entries its
+lightning Indexer scores highest. State lives in the V4CachePool (deepseek_v4_cache.py),
+addressed through a V4Batch (deepseek_v4_batch.py): this step's tokens are attended from fresh
+tensors plus what the rings and pages hold.
+
+Single-token sequences (decodes) are attended together in one batched gather, O(window +
+selected entries) per query; each prefill chunk is attended one sequence at a time, its queries
+in blocks. Computations mirror transformers' DeepseekV4Attention, DeepseekV4{CSA,HCA}Compressor
+and DeepseekV4Indexer in operation and dtype. Parameter names are DeepSeek's (wq_a, wkv,
+attn_sink, compressor.ape, indexer.wq_b, ...).
+
+Shapes: T tokens in the step, B sequences (Bd decodes), H heads of width hd, W the window,
+m a compression rate, N compressed entries of one sequence, K entries attended per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .deepseek_v4_batch import GroupMeta, V4Batch
+from .deepseek_v4_layers import RMSNorm, Rotary, apply_rope, unweighted_rms_norm
+
+# Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
+SCORE_BUDGET = 1 << 24
+
+
+def softmax_with_sink(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """scores [..., H, n] (masked with -inf), sinks [H] -> probabilities [..., H, n] without the sink's."""
+    sink = sinks.view(*([1] * (scores.dim() - 2)), -1, 1).expand(*scores.shape[:-1], 1)
+    combined = torch.cat([scores, sink], dim=-1)  # float32 (the sink is)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+
+
+class Compressor(nn.Module):
+    """Pools each closed window of `rate` tokens into one entry (CSA: overlapping, HCA: not).
+
+    CSA (overlap): kv/gate project to 2*dim; entry e is the softmax(gate + ape)-weighted sum over
+    2*rate slots: the first half ("Ca") of window e-1's tokens and the second half ("Cb") of
+    window e's. Entry 0 has no previous window: those slots get zero kv and -inf gate.
+    """
+
+    def __init__(self, config, dim: int, rate: int, overlap: bool):
+        super().__init__()
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        width = 2 * dim if overlap else dim
+        self.wkv = nn.Linear(config.hidden_size, width, bias=False)
+        self.wgate = nn.Linear(config.hidden_size, width, bias=False)
+        self.ape = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
+        self.norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> kv|gate [T, 2*width] (what the tail ring stores)."""
+        return torch.cat([self.wkv(x), self.wgate(x)], dim=-1)
+
+    def emit(
+        self, src: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, rotary: Rotary
+    ) -> torch.Tensor:
+        """src [E, n_src, 2*width] kv|gate of each entry's source tokens -> entries [E, dim]."""
+        d, m = self.dim, self.rate
+        if self.overlap:
+            kv = torch.cat([src[:, :m, :d], src[:, m:, d : 2 * d]], dim=1)  # [E, 2m, d]
+            gate = torch.cat(
+                [src[:, :m, 2 * d : 3 * d] + self.ape[:, :d], src[:, m:, 3 * d :] + self.ape[:, d:]], dim=1
+            )
+            kv = torch.where(valid[..., None], kv, torch.zeros((), dtype=kv.dtype, device=kv.device))
+            gate = gate.masked_fill(~valid[..., None], float("-inf"))
+        else:
+            kv, gate = src[..., :d], src[..., d:] + self.ape  # [E, m, d]
+        weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
+        entries = self.norm((kv * weights).sum(dim=1))  # [E, d]
+        cos, sin = rotary.cos_sin(positions, "compress", entries.dtype)
+        return apply_rope(entries, cos, sin)
+
+
+def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tensor, k: int):
+    """The indexer's top-k entries per query, exactly as transformers picks them.
+
+    scores [Q, N] float32 with -inf past each query's `visible` [Q] entries. Returns (entry ids
+    [Q, kk], valid [Q, kk]) with kk = min(k, N). When the k-th and (k+1)-th best scores tie (the
+    ReLU makes exact zeros common), which entry wins depends on torch.topk's algorithm and on
+    the row's length. transformers' rows are `hf_len` [Q] long (prompt_len // m for prompt
+    tokens in its one-shot prefill, the entries so far in its cached decode), so only such rows
+    are recomputed on a row of that length: the result then does not depend on this engine's
+    chunking, batching or padding, and equals transformers' generate().
+    """
+    q_count, n = scores.shape
+    if n <= k:
+        ids = torch.arange(n, device=scores.device).expand(q_count, n)
+        return ids, ids < visible[:, None]
+    values, ids = scores.topk(k + 1, dim=-1)
+    ids = ids[:, :k].clone()
+    tied = (visible > k) & (values[:, k - 1] == values[:, k])
+    if bool(tied.any()):
+        for row in tied.nonzero().flatten().tolist():
+            length, seen = int(hf_len[row]), int(visible[row])
+            padded = scores.new_full((length,), float("-inf"))
+            padded[:seen] = scores[row, :seen]
+            ids[row] = padded.topk(k).indices
+    return ids, ids < visible[:, None]
+
+
+class Indexer(nn.Module):
+    """CSA's lightning indexer: scores compressed keys per query, sum_h w_h * relu(q_h . k)."""
+
+    def __init__(self, config, rate: int):
+        super().__init__()
+        self.n_heads, self.dim, self.top_k = config.index_n_heads, config.index_head_dim, config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(config, self.dim, rate, overlap=True)
+
+    def queries(
+        self, x: torch.Tensor, q_residual: torch.Tensor, cos, sin
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> q [T, nh, ihd] float32 (roped), head weights [T, nh] float32."""
+        q = apply_rope(
+            self.wq_b(q_residual).view(x.shape[0], self.n_heads, self.dim), cos[:, None], sin[:, None]
+        )
+        weights = self.weights_proj(x).float() * self.n_heads**-0.5
+        return q.float(), weights
+
+    def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q [Q, nh, ihd], weights [Q, nh], keys [Q or 1, N, ihd] -> [Q, N] float32."""
+        s = torch.matmul(q, keys.float().transpose(-1, -2))  # [Q, nh, N]
+        s = F.relu(s) * self.dim**-0.5
+        return (s * weights[..., None]).sum(dim=1)
+
+
+class Attention(nn.Module):
+    """Shared-KV MQA with a sliding window, plus compressed entries (CSA: top-k selected; HCA: all)."""
+
+    def __init__(self, config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.kind = config.layer_types[layer_id]
+        self.rope_kind = "main" if self.kind == "sliding_attention" else "compress"
+        self.n_heads, self.head_dim, self.window = (
+            config.num_attention_heads,
+            config.head_dim,
+            config.sliding_window,
+        )
+        self.groups, self.o_rank = config.o_groups, config.o_lora_rank
+        self.scaling = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        D, H, hd = config.hidden_size, self.n_heads, self.head_dim
+        self.wq_a = nn.Linear(D, config.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.wq_b = nn.Linear(config.q_lora_rank, H * hd, bias=False)
+        self.wkv = nn.Linear(D, hd, bias=False)
+        self.norm = RMSNorm(hd, config.rms_norm_eps)
+        # Grouped low-rank output: each of `groups` head groups -> o_rank, then all -> D.
+        self.wo_a = nn.Linear(H * hd // self.groups, self.groups * self.o_rank, bias=False)
+        self.wo_b = nn.Linear(self.groups * self.o_rank, D, bias=False)
+        self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32))
+        self.compressor = self.indexer = None
+        if self.kind == "compressed_sparse_attention":
+            self.group = "csa"
+            rate = config.compress_rates[self.kind]
+            self.compressor = Compressor(config, hd, rate, overlap=True)
+            self.indexer = Indexer(config, rate)
+        elif self.kind == "heavily_compressed_attention":
+            self.group = "hca"
+            self.compressor = Compressor(config, hd, config.compress_rates[self.kind], overlap=False)
+
+    def forward(self, x: torch.Tensor, batch: V4Batch, rotary: Rotary) -> torch.Tensor:
+        """x [T, D] -> [T, D]; reads and writes this layer's state in the batch's caches."""
+        T, H, hd = x.shape[0], self.n_heads, self.head_dim
+        pool = batch.pool
+        cos, sin = batch.rope[self.rope_kind]  # [T, r/2]
+        q_residual = self.q_norm(self.wq_a(x))  # [T, q_lora]
+        q = unweighted_rms_norm(self.wq_b(q_residual).view(T, H, hd), self.eps)
+        q = apply_rope(q, cos[:, None], sin[:, None])  # [T, H, hd]
+        kv = apply_rope(self.norm(self.wkv(x)), cos, sin)  # [T, hd]: keys and values alike
+
+        ring = batch.rings["window"]
+        window = pool.slot_views["window"][:, self.layer_id]  # [S, W, hd]
+        window_read = window[batch.slots[:, None], ring.read_slot]  # [B, W-1, hd]: positions start-W+1..
+
+        entries = index = None
+        if self.compressor is not None:
+            entries, index_keys = self._compress(x, batch, rotary)
+            if self.indexer is not None:
+                index = (index_keys, *self.indexer.queries(x, q_residual, *batch.rope["compress"]))
+
+        out = x.new_empty(T, H, hd)
+        if batch.decodes:
+            out[batch.decode_tokens] = self._decode(q, kv, window_read, entries, index, batch)
+        for i in batch.prefills:
+            a, b = batch.offsets[i], batch.offsets[i + 1]
+            out[a:b] = self._prefill(i, q[a:b], kv[a:b], window_read[i], entries, index, batch)
+
+        window[ring.write_seq_slot, ring.write_ring] = kv[ring.write_token]
+        # K = V carries RoPE on its rope channels: rotate the output back to the query's position.
+        out = apply_rope(out, cos[:, None], -sin[:, None])
+        grouped = out.view(T, self.groups, -1).transpose(0, 1)  # [G, T, H*hd/G]
+        w_a = self.wo_a.weight.view(self.groups, self.o_rank, -1).transpose(1, 2)  # [G, H*hd/G, o_rank]
+        return self.wo_b(torch.bmm(grouped, w_a).transpose(0, 1).reshape(T, -1))
+
+    # -- compressed entries --------------------------------------------------------------------
+
+    def _compress(self, x, batch: V4Batch, rotary: Rotary):
+        """Emit this step's entries into the pages and keep the tail; returns the page group views."""
+        pool, group = batch.pool, batch.groups[self.group]
+        ring, emit = batch.rings[self.group], group.emit
+        kind_index = getattr(pool.layout, f"{self.group}_layers").index(self.layer_id)
+        tail = pool.slot_views[f"{self.group}_tail"][:, kind_index]  # [S, R, C]
+        fresh = self.compressor.project(x)  # [T, C_main]
+        if self.indexer is not None:
+            fresh = torch.cat([fresh, self.indexer.compressor.project(x)], dim=-1)  # [T, C]
+        pages = pool.page_views[self.group][:, kind_index]  # [P, entries_per_page, hd (+ ihd)]
+        if emit.count:
+            tail_read = tail[batch.slots[:, None], ring.read_slot]  # [B, R-1, C]
+            src = torch.cat([tail_read.flatten(0, 1), fresh])[emit.src_index]  # [E, n_src, C]
+            main = 4 * self.head_dim if self.indexer is not None else 2 * self.head_dim
+            pages[emit.page, emit.offset, : self.head_dim] = self.compressor.emit(
+                src[..., :main], emit.src_valid, emit.positions, rotary
+            )
+            if self.indexer is not None:
+                pages[emit.page, emit.offset, self.head_dim :] = self.indexer.compressor.emit(
+                    src[..., main:], emit.src_valid, emit.positions, rotary
+                )
+        tail[ring.write_seq_slot, ring.write_ring] = fresh[ring.write_token]
+        entries = pages[..., : self.head_dim]
+        index_keys = pages[..., self.head_dim :] if self.indexer is not None else None
+        return entries, index_keys
+
+    # -- decodes: one query per sequence, batched --------------------------------------------------
+
+    def _decode(self, q, kv, window_read, entries, index, batch: V4Batch):
+        """All single-token sequences at once: O(window + selected entries) per query."""
+        rows, tokens = batch.decode_rows, batch.decode_tokens
+        pos = batch.positions[tokens]  # [Bd]
+        keys = torch.cat([window_read[rows], kv[tokens, None]], dim=1)  # [Bd, W, hd]
+        valid = torch.cat([batch.rings["window"].read_valid[rows], pos.new_ones(len(rows), 1).bool()], dim=1)
+        if entries is not None:
+            group: GroupMeta = batch.groups[self.group]
+            counts = [group.counts[i] for i in batch.decodes]
+            n_max = max(counts)
+            if n_max:
+                visible = (pos + 1) // group.rate  # [Bd] all entries written so far
+                ids = torch.arange(n_max, device=q.device).expand(len(rows), n_max)  # [Bd, N]
+                if index is not None:
+                    index_keys, iq, iw = index
+                    page, offset = group.locate(rows, ids)
+                    scores = self.indexer.scores(iq[tokens], iw[tokens], index_keys[page, offset])  # [Bd, N]
+                    scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
+                    hf_len = torch.where(
+                        pos < batch.prompt_lens[rows], batch.prompt_lens[rows] // group.rate, visible
+                    )
+                    ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)
+                else:
+                    chosen = ids < visible[:, None]
+                page, offset = group.locate(rows, ids)
+                keys = torch.cat([keys, entries[page, offset]], dim=1)  # [Bd, W + K, hd]
+                valid = torch.cat([valid, chosen], dim=1)
+        scores = torch.matmul(q[tokens], keys.transpose(1, 2)) * self.scaling  # [Bd, H, n]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        probs = softmax_with_sink(scores, self.attn_sink).to(keys.dtype)
+        return torch.matmul(probs, keys)  # [Bd, H, hd]
+
+    # -- prefill chunks: one sequence at a time, its queries in blocks -----------------------------
+
+    def _prefill(self, i, q, kv, window_read, entries, index, batch: V4Batch):
+        """q [L, H, hd], kv [L, hd] of sequence i's chunk, window_read [W-1, hd] -> [L, H, hd]."""
+        L, W, start, dev = q.shape[0], self.window, batch.starts[i], q.device
+        local = torch.cat([window_read, kv])  # [W-1+L, hd]: keys at positions start-W+1 .. start+L-1
+        local_pos = torch.arange(start - W + 1, start + L, device=dev)
+        q_pos = torch.arange(start, start + L, device=dev)
+        seq = self._sequence_entries(i, entries, index, batch) if entries is not None else None
+        # Queries in blocks, so the scores of a long chunk never exceed SCORE_BUDGET elements.
+        width = W + (0 if seq is None else self.indexer.top_k if self.indexer else seq.count)
+        block = max(1, min(L, SCORE_BUDGET // (self.n_heads * (width + min(L, 256)))))
+        if seq is not None and self.indexer is not None:
+            block = max(1, min(block, SCORE_BUDGET // (self.indexer.n_heads * seq.count)))
+        out = q.new_empty(q.shape)
+        for a in range(0, L, block):
+            b = min(a + block, L)
+            qp, keys, kp = q_pos[a:b], local[a : b + W - 1], local_pos[a : b + W - 1]  # [Lb], [Lb+W-1, hd]
+            in_window = (kp >= 0) & (kp <= qp[:, None]) & (kp > qp[:, None] - W)  # [Lb, Lb+W-1]
+            scores = torch.matmul(q[a:b], keys.t()) * self.scaling  # [Lb, H, Lb+W-1]
+            scores = scores.masked_fill(~in_window[:, None], float("-inf"))
+            if seq is None:
+                out[a:b] = torch.matmul(softmax_with_sink(scores, self.attn_sink).to(q.dtype), keys)
+                continue
+            extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.caches[i].prompt_len)
+            extra = torch.matmul(q[a:b], extra_keys.transpose(-1, -2)) * self.scaling  # [Lb, H, K]
+            extra = extra.masked_fill(~chosen[:, None], float("-inf"))
+            probs = softmax_with_sink(torch.cat([scores, extra], dim=-1), self.attn_sink).to(q.dtype)
+            nw = keys.shape[0]
+            out[a:b] = torch.matmul(probs[..., :nw], keys) + torch.matmul(probs[..., nw:], extra_keys)
+        return out
+
+    def _sequence_entries(self, i, entries, index, batch: V4Batch) -> _SequenceEntries | None:
+        """Sequence i's compressed entries (and indexer keys and queries) once this step has written."""
+        group: GroupMeta = batch.groups[self.group]
+        n = group.counts[i]
+        if not n:
+            return None
+        ids = torch.arange(n, device=batch.slots.device)[None]  # [1, N]
+        page, offset = group.locate(batch.slots.new_tensor([i]), ids)
+        seq = _SequenceEntries(n, group.rate, entries[page[0], offset[0]])  # entries [N, hd]
+        if index is not None:
+            a, b = batch.offsets[i], batch.offsets[i + 1]
+            seq.index_keys = index[0][page[0], offset[0]]  # [N, ihd]
+            seq.queries, seq.weights = index[1][a:b], index[2][a:b]  # [L, nh, ihd], [L, nh]
+        return seq
+
+    def _chosen_entries(self, seq: _SequenceEntries, qp, a: int, b: int, prompt_len: int):
+        """Entries the queries at positions qp [Lb] attend to -> keys [Lb or 1, K, hd], chosen [Lb, K]."""
+        visible = (qp + 1) // seq.rate  # [Lb]: entries whose window has closed
+        ids = torch.arange(seq.count, device=qp.device)[None, :]  # [1, N]
+        if self.indexer is None:  # HCA: every visible entry
+            return seq.entries[None], ids < visible[:, None]
+        scores = self.indexer.scores(seq.queries[a:b], seq.weights[a:b], seq.index_keys[None])  # [Lb, N]
+        scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
+        hf_len = torch.where(qp < prompt_len, prompt_len // seq.rate, visible)
+        ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)  # [Lb, K]
+        return seq.entries[ids], chosen
+
+
+@dataclass
+class _SequenceEntries:
+    count: int
+    rate: int
+    entries: torch.Tensor  # [N, hd]
+    index_keys: torch.Tensor | None = None  # [N, ihd]
+    queries: torch.Tensor | None = None  # [L, nh, ihd] the chunk's indexer queries
+    weights: torch.Tensor | None = None  # [L, nh]

@@ -1,0 +1,184 @@
+"""DeepSeek-V4's token-wise building blocks: norms, RoPE, MoE, hyper-connections.
+
+Each computes what the matching transformers DeepseekV4 module computes (same operations in
+the same dtypes, so float32 results agree to rounding) on [T, ...] tensors that mix the tokens
+of several sequences. Parameter names are DeepSeek's own (ffn.experts.0.w1, ffn.gate.tid2eid,
+...), which is how checkpoints store them, so weights load 1:1. Attention, the one block that
+reads per-sequence state, is in deepseek_v4_attention.py.
+
+Shapes: T tokens in the step, D hidden size, hc streams, E routed experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm computed in float32 (its weight is kept in float32, as transformers does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class Rotary:
+    """V4's interleaved partial RoPE: 'main' for sliding layers, 'compress' (YaRN) for CSA/HCA."""
+
+    def __init__(self, config, device: torch.device):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        self.inv_freq, self.scaling = {}, {}
+        for kind in ("main", "compress"):
+            params = config.rope_parameters[kind]
+            if params.get("rope_type", "default") == "default":
+                dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+                base = params["rope_theta"]
+                inv_freq, scaling = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None, layer_type=kind)
+            self.inv_freq[kind], self.scaling[kind] = inv_freq.to(device), scaling
+
+    def cos_sin(
+        self, positions: torch.Tensor, kind: str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos, sin [N, rope_dim // 2] in `dtype` (transformers casts them too)."""
+        freqs = positions[:, None].float() * self.inv_freq[kind]
+        scaling = self.scaling[kind]
+        return (freqs.cos() * scaling).to(dtype), (freqs.sin() * scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x's trailing rope channels [..., d] in interleaved pairs; cos/sin broadcast to [..., r/2]."""
+    cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    rope_dim = cos.shape[-1]
+    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
+    rotated_half = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
+    rotated = (rope.float() * cos + rotated_half.float() * sin).to(x.dtype)
+    return torch.cat([nope, rotated], dim=-1)
+
+
+class Expert(nn.Module):
+    """SwiGLU MLP with DeepSeek-V4's clamps (gate from above, up on both sides)."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.w1(x).clamp(max=self.limit)
+        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
+        return self.w2(F.silu(gate) * up)
+
+
+class Gate(nn.Module):
+    """Router: top-k over score + bias, or a fixed token -> experts table (hash routing)."""
+
+    def __init__(self, config, is_hash: bool):
+        super().__init__()
+        self.is_hash, self.top_k = is_hash, config.num_experts_per_tok
+        self.route_scale = config.routed_scaling_factor
+        if config.scoring_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
+            raise ValueError(
+                f"scoring_func {config.scoring_func!r} is not supported (sqrtsoftplus, sigmoid, softmax)"
+            )
+        self.score_func = config.scoring_func
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if is_hash:
+            self.register_buffer("tid2eid", torch.empty(config.vocab_size, self.top_k, dtype=torch.long))
+        else:
+            self.bias = nn.Parameter(torch.empty(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, k], expert ids [T, k])."""
+        logits = F.linear(x, self.weight)  # [T, E]
+        if self.score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if self.is_hash:
+            ids = self.tid2eid[input_ids].long()
+        else:
+            ids = torch.topk(scores + self.bias, self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, ids
+
+
+class MoE(nn.Module):
+    """Routed experts (tokens grouped by expert: one matmul per expert that has tokens) + a shared expert."""
+
+    def __init__(self, config, layer_id: int):
+        super().__init__()
+        D, inter, limit = config.hidden_size, config.moe_intermediate_size, config.swiglu_limit
+        self.n_experts = config.n_routed_experts
+        self.gate = Gate(config, config.mlp_layer_types[layer_id] == "hash_moe")
+        self.experts = nn.ModuleList(Expert(D, inter, limit) for _ in range(self.n_experts))
+        self.shared_experts = Expert(D, inter, limit)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x, input_ids)  # [T, k]
+        k = ids.shape[1]
+        flat = ids.flatten()  # [T*k]
+        order = flat.argsort(stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token = order // k
+        xs = x[token]  # [T*k, D]
+        ys = torch.empty_like(xs)
+        begin = 0
+        for e, count in enumerate(counts):
+            if count:
+                ys[begin : begin + count] = self.experts[e](xs[begin : begin + count])
+                begin += count
+        ys = ys * weights.flatten()[order, None]
+        routed = torch.zeros_like(x).index_add_(0, token, ys)
+        return routed + self.shared_experts(x)
+
+
+class HyperConnection(nn.Module):
+    """Mixing weights of manifold-constrained hyper-connections (Sinkhorn-projected), in float32.
+
+    Holds no parameters itself: the block owns hc_{attn,ffn}_{fn,base,scale} under DeepSeek's names.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.hc, self.iters, self.eps, self.norm_eps = (
+            config.hc_mult,
+            config.hc_sinkhorn_iters,
+            config.hc_eps,
+            config.rms_norm_eps,
+        )
+
+    def forward(self, h: torch.Tensor, fn, base, scale):
+        """h [T, hc, D] -> post [T, hc], comb [T, hc, hc] (float32), collapsed [T, D]."""
+        hc = self.hc
+        mix = F.linear(unweighted_rms_norm(h.flatten(1).float(), self.norm_eps), fn.float())  # [T, (2+hc)*hc]
+        pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
+        pre_b, post_b, comb_b = base.split([hc, hc, hc * hc])
+        pre = torch.sigmoid(pre_w * scale[0] + pre_b) + self.eps
+        post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+        comb = torch.softmax(comb_w.view(-1, hc, hc) * scale[2] + comb_b.view(hc, hc), dim=-1) + self.eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+        return post, comb, collapsed

@@ -1,0 +1,171 @@
+"""Qwen3-MoE, computed exactly as transformers' `Qwen3MoeForCausalLM`, over Citadel's paged runtime.
+
+Parameter names are transformers' (model.layers.N.self_attn.q_proj.weight, ...). The experts of
+a layer are kept stacked, as transformers 5 keeps them in memory ([E, 2I, H] gate-and-up and
+[E, H, I] down), and are filled from either checkpoint layout: one tensor per expert
+(mlp.experts.N.gate_proj.weight, as on the Hub) or already stacked (mlp.experts.gate_up_proj).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine.cache import CacheGroup, CacheSpec
+from ..engine.context import ForwardContext
+from ..engine.weights import CheckpointWeights, assign_parameter
+from ..layers import RMSNorm, RotaryEmbedding, act_fn, moe_dispatch, paged_attention, topk_softmax_router
+
+KV = "kv"
+
+
+class Qwen3MoeAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window  # None unless use_sliding_window
+
+    def forward(self, x, cos, sin, ctx: ForwardContext, cache: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]  # x [T, H]
+        q = self.q_norm(self.q_proj(x).view(tokens, self.num_heads, self.head_dim))  # [T, Hq, D]
+        k = self.k_norm(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        out = paged_attention(q, k, v, cache, ctx, KV, self.scale, self.sliding_window)  # [T, Hq, D]
+        return self.o_proj(out.reshape(tokens, -1))
+
+
+class Qwen3MoeMLP(nn.Module):
+    """The dense MLP of layers listed in mlp_only_layers (or off the decoder_sparse_step)."""
+
+    def __init__(self, config, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act = act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3MoeExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        experts, hidden, inner = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inner, hidden))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, inner))  # [E, H, I]
+
+
+class Qwen3MoeSparseMoeBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Qwen3MoeExperts(config)
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.act = act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
+        weights, ids = topk_softmax_router(self.gate(x), self.top_k, self.norm_topk_prob)  # [T, k] each
+        return moe_dispatch(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.act)
+
+
+class Qwen3MoeDecoderLayer(nn.Module):
+    def __init__(self, config, index: int):
+        super().__init__()
+        self.self_attn = Qwen3MoeAttention(config)
+        sparse = config.num_experts > 0 and (index + 1) % config.decoder_sparse_step == 0
+        if sparse and index not in config.mlp_only_layers:
+            self.mlp = Qwen3MoeSparseMoeBlock(config)
+        else:
+            self.mlp = Qwen3MoeMLP(config, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, ctx: ForwardContext, cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    """The model interface of inference/engine (see its docstring): cache_spec, forward, compute_logits."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        attention = self.model.layers[0].self_attn
+        self.rotary = RotaryEmbedding(config, attention.head_dim)
+        self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
+        self.dtype = torch.float32
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def cache_spec(self) -> CacheSpec:
+        """One group: K and V of every layer, one entry per token."""
+        layers = tuple(range(len(self.model.layers)))
+        return CacheSpec((CacheGroup(KV, layers, (2, self.num_kv_heads, self.head_dim), self.dtype),))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, H]."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, D] each
+        for layer, cache in zip(self.model.layers, ctx.caches[KV], strict=True):
+            x = layer(x, cos, sin, ctx, cache)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, vocab]
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: CheckpointWeights, device: torch.device, dtype: torch.dtype) -> None:
+        """Fill every parameter from the checkpoint (this module was built on the meta device)."""
+        self.dtype = dtype
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        for name, _ in list(self.named_parameters()):
+            if name == "lm_head.weight" and tied:
+                continue
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and name not in weights:
+                tensor = _stack_experts(weights, name, self.config.num_experts)
+            else:
+                tensor = weights.get(name)
+            assign_parameter(self, name, tensor, device, dtype)
+        if tied:
+            if "lm_head.weight" in weights:  # some tied checkpoints store the copy anyway
+                weights.get("lm_head.weight")
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def _stack_experts(weights: CheckpointWeights, name: str, num_experts: int) -> torch.Tensor:
+    """[E, ...] from the per-expert tensors (mlp.experts.N.{gate,up,down}_proj.weight)."""
+    prefix = name.rsplit(".", 1)[0]
+    if name.endswith("gate_up_proj"):
+        parts = [
+            torch.cat(
+                (weights.get(f"{prefix}.{e}.gate_proj.weight"), weights.get(f"{prefix}.{e}.up_proj.weight"))
+            )
+            for e in range(num_experts)
+        ]
+    else:
+        parts = [weights.get(f"{prefix}.{e}.down_proj.weight") for e in range(num_experts)]
+    return torch.stack(parts)
