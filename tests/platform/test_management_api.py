@@ -59,3 +59,16 @@ def test_health_readiness_and_metrics_answer():
     ready = client.get("/readyz")
     assert ready.json()["checks"]["database"] == "ok"
     assert "citadel_workers_live 0" in client.get("/metrics").content.decode()
+
+
+def test_metrics_export_each_workers_engine_batching_counters():
+    from citadel.audit.services import Actor
+    from citadel.registry.services import pool_create, worker_heartbeat
+
+    pool_create(name="p", site="s", actor=Actor.system())
+    worker_heartbeat(name="p@a", pool_name="p", hostname="h", pid=1, loaded_models=["/m"],
+                     engine_stats={"/m": {"backend": "citadel", "steps": 12, "max_batch_size": 5,
+                                          "mean_batch_size": 2.5, "preemptions": 0}})
+    body = Client().get("/metrics").content.decode()
+    assert 'citadel_engine_max_batch_size{worker="p@a",model_path="/m"} 5' in body
+    assert 'citadel_engine_mean_batch_size{worker="p@a",model_path="/m"} 2.5' in body

@@ -38,3 +38,9 @@ def test_the_database_and_broker_come_from_the_environment(tmp_path):
                         DATABASE_URL="postgres://u@db.internal:5432/citadel",
                         CELERY_BROKER_URL="amqp://guest:guest@mq.internal:5672//", CITADEL_DATA_DIR=str(tmp_path))
     assert result.stdout.strip().splitlines()[-1].split() == ["django.db.backends.postgresql", "citadel", "amqp://guest:guest@mq.internal:5672//"]
+
+
+def test_the_models_and_their_migrations_agree(tmp_path):
+    result = run_manage(["makemigrations", "--check", "--dry-run"], DJANGO_SETTINGS_MODULE="citadel.settings.test",
+                        CITADEL_DATA_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -33,6 +33,30 @@ def readyz(request):
     return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 
 
+ENGINE_GAUGES = {
+    "steps": "Engine steps run since the worker started.",
+    "max_batch_size": "Largest number of sequences in one engine step.",
+    "mean_batch_size": "Mean number of sequences per engine step.",
+    "last_batch_size": "Sequences in the latest engine step.",
+    "preemptions": "Sequences preempted when KV cache memory ran out.",
+    "running": "Sequences in the running batch.",
+    "waiting": "Sequences waiting to be scheduled.",
+    "kv_pages_free": "Free KV cache pages.",
+}
+
+
+def _engine_lines(workers) -> list[str]:
+    """Per worker and loaded model, the engine's batching counters from the last heartbeat."""
+    lines = []
+    for name, help_text in ENGINE_GAUGES.items():
+        lines += [f"# HELP citadel_engine_{name} {help_text}", f"# TYPE citadel_engine_{name} gauge"]
+        for worker in workers:
+            for path, stats in (worker.engine_stats or {}).items():
+                if isinstance(stats, dict) and isinstance(stats.get(name), int | float):
+                    lines.append(f'citadel_engine_{name}{{worker="{worker.name}",model_path="{path}"}} {stats[name]}')
+    return lines
+
+
 @require_GET
 def metrics(request):
     """A few gauges from the database, in Prometheus' text format."""
@@ -42,6 +66,8 @@ def metrics(request):
     lines = ["# HELP citadel_inference_jobs Inference jobs by status.", "# TYPE citadel_inference_jobs gauge"]
     for row in InferenceJob.objects.values("status").annotate(n=Count("id")).order_by("status"):
         lines.append(f'citadel_inference_jobs{{status="{row["status"]}"}} {row["n"]}')
+    live = list(workers_live())
     lines += ["# HELP citadel_workers_live Workers with a fresh heartbeat.", "# TYPE citadel_workers_live gauge",
-              f"citadel_workers_live {workers_live().count()}"]
+              f"citadel_workers_live {len(live)}"]
+    lines += _engine_lines(live)
     return HttpResponse("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")

@@ -33,5 +33,11 @@ class EngineCache:
         with self._lock:
             return sorted({json.loads(key)[0] for key in self._engines})
 
+    def stats(self) -> dict[str, dict]:
+        """Each loaded engine's counters (batch sizes, steps, preemptions), keyed by checkpoint path."""
+        with self._lock:
+            engines = list(self._engines.items())
+        return {json.loads(key)[0]: engine.stats() for key, engine in engines}
+
 
 engines = EngineCache()

@@ -24,7 +24,7 @@ def _beat(name: str, pool: str) -> None:
         try:
             close_old_connections()
             worker_heartbeat(name=name, pool_name=pool, hostname=socket.gethostname(), pid=os.getpid(),
-                             loaded_models=engines.loaded_paths())
+                             loaded_models=engines.loaded_paths(), engine_stats=engines.stats())
         except Exception:  # the database may be restarting; the next beat tries again
             logger.exception("heartbeat failed")
         finally:

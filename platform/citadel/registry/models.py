@@ -80,6 +80,7 @@ class Worker(models.Model):
     started_at = models.DateTimeField()
     last_heartbeat = models.DateTimeField(db_index=True)
     loaded_models = models.JSONField(default=list, blank=True)
+    engine_stats = models.JSONField(default=dict, blank=True, help_text="Per loaded model: the engine's counters.")
 
     class Meta:
         ordering = ["pool__name", "name"]

@@ -77,7 +77,8 @@ def deployment_retire(*, deployment: Deployment, actor: Actor, request=None) -> 
     return deployment
 
 
-def worker_heartbeat(*, name: str, pool_name: str, hostname: str, pid: int, loaded_models: list[str]) -> Worker:
+def worker_heartbeat(*, name: str, pool_name: str, hostname: str, pid: int, loaded_models: list[str],
+                     engine_stats: dict | None = None) -> Worker:
     """Called by a worker every few seconds. The first beat of a process is audited."""
     now = timezone.now()
     with transaction.atomic():
@@ -90,6 +91,7 @@ def worker_heartbeat(*, name: str, pool_name: str, hostname: str, pid: int, load
             worker.started_at = now
         worker.pool, worker.hostname, worker.pid = pool, hostname, pid
         worker.status, worker.last_heartbeat, worker.loaded_models = Worker.Status.ONLINE, now, loaded_models
+        worker.engine_stats = engine_stats or {}
         worker.save()
         if came_online:
             audit_record(actor=Actor.system(name), action="worker.online", outcome="success", target_type="worker",

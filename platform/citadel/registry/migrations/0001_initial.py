@@ -50,6 +50,7 @@ class Migration(migrations.Migration):
                 ('started_at', models.DateTimeField()),
                 ('last_heartbeat', models.DateTimeField(db_index=True)),
                 ('loaded_models', models.JSONField(blank=True, default=list)),
+                ('engine_stats', models.JSONField(blank=True, default=dict, help_text="Per loaded model: the engine's counters.")),
                 ('pool', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='workers', to='registry.workerpool')),
             ],
             options={

@@ -19,7 +19,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--pool", required=True, help="The worker pool this host belongs to.")
         parser.add_argument("--name", default=None, help="Worker name; default POOL@HOSTNAME.")
-        parser.add_argument("--concurrency", type=int, default=4, help="Requests handled at once.")
+        parser.add_argument("--concurrency", type=int, default=16,
+                            help="Requests handled at once; the engine batches them together.")
         parser.add_argument("--control", action="store_true", help="Also run housekeeping tasks (queue 'control').")
         parser.add_argument("--loglevel", default="info")
 
