@@ -5,13 +5,10 @@ generated token, which is what the Celery worker forwards as server-sent events.
 through the same path for a given model, so a stream's text deltas add up to exactly the text
 that `generate` returns for the same prompt, parameters and seed.
 
-Families with a native definition in inference/models (see models/registry.py) run on
-Citadel's runtime (inference/engine): one engine loop thread per LLM steps a continuous batch,
-so the prompts of one `generate` call, and concurrent `stream` callers in several threads, are
-decoded together. Families still served through transformers (DeepSeek-V4 until its native
-definition lands) decode one sequence at a time over transformers' forward (model_runner.py),
-a lock serialising model calls so that threads' steps interleave. Both paths end requests in
-the same place (Sequence.append_token), so they stop, stream and report identically.
+Every family Citadel serves has a native definition in inference/models (see
+models/registry.py) and runs on Citadel's runtime (inference/engine): one engine loop thread per
+LLM steps a continuous batch, so the prompts of one `generate` call, and concurrent `stream`
+callers in several threads, are decoded together.
 """
 
 from __future__ import annotations
@@ -26,13 +23,11 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .engine import EngineConfig, EngineLoop, LLMEngine
 from .engine.loop import EngineFailure
-from .loader import check_checkpoint_folder, load_model, load_tokenizer, resolve_device, resolve_dtype
-from .model_runner import HFModelRunner
+from .engine.sequence import Sequence
+from .loader import check_checkpoint_folder, load_tokenizer, resolve_device, resolve_dtype
 from .models import registry
 from .outputs import RequestOutput, StreamEvent
-from .sampler import prompt_token_logprobs, request_generator, sample_token, token_logprobs
 from .sampling_params import SamplingParams
-from .sequence import Sequence
 
 Prompt = str | list[int]
 Messages = list[dict]
@@ -48,7 +43,7 @@ class LLM:
         seed: seeds the engine's generator, which supplies the randomness of requests that set
             no seed of their own (each such request still gets different draws). None: seeded
             from the operating system.
-        **engine_settings: scheduling and cache settings of the native runtime (EngineConfig:
+        **engine_settings: scheduling and cache settings of the runtime (EngineConfig:
             max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory, max_model_len).
     """
 
@@ -65,7 +60,7 @@ class LLM:
         self.model_path = check_checkpoint_folder(model)
         self.device = resolve_device(device)
         config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=False)
-        self.uses_engine = registry.uses_engine(config)  # refuses an unsupported architecture
+        registry.model_class(config)  # refuses an unsupported architecture before loading anything
         engine_config = _engine_config(engine_settings)
         self.dtype = resolve_dtype(dtype, self.device, config)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -76,30 +71,19 @@ class LLM:
             self._engine_generator.seed()
         else:
             self._engine_generator.manual_seed(seed & (2**64 - 1))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the tokenizer's: the engine thread detokenizes, callers tokenize
         self._request_counter = itertools.count()
-        self._loop: EngineLoop | None = None
-        self._runner: HFModelRunner | None = None
-        if self.uses_engine:
-            native = registry.load_model(self.model_path, config, self.device, self.dtype)
-            self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
-            engine = LLMEngine(
-                native, engine_config, self.device, self._eos_token_ids, self._engine_generator, self._lock
-            )
-            self._loop = EngineLoop(engine)
-        else:
-            self._runner = HFModelRunner(load_model(self.model_path, self.device, self.dtype))
-            hf_model = self._runner.model
-            self._eos_token_ids = self._find_eos_token_ids(
-                hf_model.config, getattr(hf_model, "generation_config", None)
-            )
+        native = registry.load_model(self.model_path, config, self.device, self.dtype)
+        self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
+        engine = LLMEngine(
+            native, engine_config, self.device, self._eos_token_ids, self._engine_generator, self._lock
+        )
+        self._loop = EngineLoop(engine)
 
     @property
     def max_model_len(self) -> int:
         """Most tokens (prompt plus completion) one sequence may hold."""
-        if self._loop is not None:
-            return self._loop.engine.max_model_len
-        return self._runner.max_model_len
+        return self._loop.engine.max_model_len
 
     def count_tokens(self, text: str) -> int:
         """How many prompt tokens `text` becomes (including a BOS the tokenizer adds)."""
@@ -108,14 +92,11 @@ class LLM:
 
     def stats(self) -> dict:
         """Engine counters: steps, batch sizes (last, max, mean, histogram), tokens, preemptions, pages."""
-        if self._loop is None:
-            return {"backend": "transformers"}
         return {"backend": "citadel", **self._loop.stats()}
 
     def close(self) -> None:
         """Stop the engine loop thread (requests still in flight fail); the LLM is unusable afterwards."""
-        if self._loop is not None:
-            self._loop.close()
+        self._loop.close()
 
     def __del__(self) -> None:
         # The loop thread holds the engine (weights, cache), not this object: stop it with us.
@@ -132,8 +113,6 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(params, len(prompt_list))
         seqs = [self._new_sequence(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
-        if self._loop is None:
-            return [self._run(seq) for seq in seqs]
         outboxes = [self._loop.submit(seq) for seq in seqs]  # all at once: they decode as one batch
         try:
             for outbox in outboxes:
@@ -157,12 +136,9 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Complete one prompt, yielding an event per generated token (the last one has finish_reason).
 
-        Several threads may stream at once: with the native runtime their requests share batches.
+        Several threads may stream at once: their requests share the engine's batches.
         """
-        seq = self._new_sequence(prompt, params or SamplingParams())
-        if self._loop is None:
-            return self._decode(seq)
-        return self._stream(seq)
+        return self._stream(self._new_sequence(prompt, params or SamplingParams()))
 
     def stream_chat(self, messages: Messages, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """`stream` for one conversation, with the checkpoint's chat template applied."""
@@ -218,36 +194,6 @@ class LLM:
         finally:  # the caller stopped early (or failed): free the request's place in the batch
             if seq.finish_reason is None:
                 self._loop.abort(seq.request_id)
-
-    def _run(self, seq: Sequence) -> RequestOutput:
-        for _ in self._decode(seq):
-            pass
-        return seq.to_output()
-
-    def _decode(self, seq: Sequence) -> Iterator[StreamEvent]:
-        """The decode loop: prefill the prompt, then sample, check stops and feed one token at a time."""
-        params = seq.params
-        cache = self._runner.new_cache()
-        with self._lock:
-            generator = request_generator(params.seed, self._engine_generator)
-            logits = self._runner.forward(
-                seq.prompt_token_ids, cache, start=0, all_logits=params.prompt_logprobs is not None
-            )
-        if params.prompt_logprobs is not None:
-            seq.prompt_logprobs = prompt_token_logprobs(logits, seq.prompt_token_ids, params.prompt_logprobs)
-        last = logits[-1].cpu()  # [vocab]
-
-        while True:
-            token = sample_token(last, params, generator)
-            event_logprobs = None
-            if params.logprobs is not None:
-                event_logprobs = token_logprobs(torch.log_softmax(last, dim=-1), token, params.logprobs)
-            event = seq.append_token(token, event_logprobs, self._eos_token_ids, self.max_model_len)
-            yield event
-            if seq.finish_reason is not None:
-                return
-            with self._lock:
-                last = self._runner.forward([token], cache, start=seq.num_tokens - 1)[-1].cpu()
 
     def _find_eos_token_ids(self, config, generation_config) -> set[int]:
         """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""

@@ -1,4 +1,4 @@
-"""Opening a Hugging Face checkpoint folder safely: check it, pick device and dtype, load it.
+"""Opening a Hugging Face checkpoint folder safely: check it, pick device and dtype, load its tokenizer.
 
 Operators point Citadel at folders copied from elsewhere, so a missing piece must produce an
 error that names the folder and the file, not a stack trace from deep inside transformers.
@@ -76,12 +76,3 @@ def load_tokenizer(path: Path):
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
-
-def load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    """The transformers causal LM in eval mode on `device`, weights from safetensors only."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
-    return model.to(device).eval()

@@ -46,13 +46,13 @@ Face config object and loaded from safetensors (`engine/weights.py`), and it pro
 
 Plain families (Qwen3-MoE) declare one group, "kv": one entry (K and V of every layer) per token.
 
-Plugging in a family with heterogeneous per-layer caches (DeepSeek-V4)
----------------------------------------------------------------------
+A family with heterogeneous per-layer caches (DeepSeek-V4)
+---------------------------------------------------------
 DeepSeek-V4 keeps different things per layer: every layer a sliding window of the last W
 tokens' K(=V); compressed-sparse-attention (CSA) layers one compressed entry per `m` tokens plus
 the lightning indexer's key for it; heavily-compressed (HCA) layers one entry per `m'` tokens;
 and the compressors a partial window of not-yet-compressed tokens. Two kinds of cache group
-(engine/cache.py) express all of it:
+(engine/cache.py) express all of it (inference/models/deepseek_v4_cache.py declares them):
 
 - fixed-size state lives in per-sequence groups (`per_sequence=True`), kept in a slot that each
   running sequence holds (the budget reserves max_num_seqs slots first):
@@ -63,18 +63,16 @@ and the compressors a partial window of not-yet-compressed tokens. Two kinds of 
       CacheGroup("csa", csa layers, (hd + ihd,), dtype, tokens_per_entry=m)
       CacheGroup("hca", hca layers, (hd,), dtype, tokens_per_entry=m')
 
-This is the layout of inference/models/deepseek_v4_cache.py's V4CachePool (slots plus pages of
-one byte size, a null page 0, zeroed when handed out); plugging V4 in means replacing that
-pool's bookkeeping by this package's: the BlockManager counts pages per group
-(ceil(ceil(n / tokens_per_entry) / page_entries)) and hands out slots, the runner passes per
-paged group the block tables ([B, pages]) in `ctx.groups[name]`, each sequence's slot in
-`ctx.slots`, prompt lengths in `ctx.prompt_lens` (V4 breaks indexer ties by them) and the
-per-layer tensors in `ctx.caches[name]`. A compressed group writes an entry only when a window
-of `tokens_per_entry` tokens closes; the model finds where from the group's block table
-(`ctx.groups[name].slot(seq_index, entry_index)`). Write slots for every token are precomputed
-only for groups with one entry per token. Sliding-window groups that are paged (e.g. Qwen3-MoE's
-optional window) read only their last W entries; returning pages that fell out of the window to
-the pool early is a later optimisation of the BlockManager, invisible to models.
+The BlockManager counts pages per group (ceil(ceil(n / tokens_per_entry) / page_entries)) and
+hands out slots; the runner passes per paged group the block tables ([B, pages]) in
+`ctx.groups[name]`, each sequence's slot in `ctx.slots`, prompt lengths in `ctx.prompt_lens` (V4
+breaks indexer ties by them) and the per-layer tensors in `ctx.caches[name]`. A compressed group
+writes an entry only when a window of `tokens_per_entry` tokens closes; the model finds where
+from the group's block table (`ctx.groups[name].slot(seq_index, entry_index)`, or the tables
+themselves for batched writes). Write slots for every token are precomputed only for groups with
+one entry per token. Sliding-window groups that are paged (e.g. Qwen3-MoE's optional window) read
+only their last W entries; returning pages that fell out of the window to the pool early is a
+later optimisation of the BlockManager, invisible to models.
 """
 
 from .cache import CacheGroup, CacheSpec

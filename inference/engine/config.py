@@ -15,7 +15,8 @@ class EngineConfig:
     """Token budget of one step: decodes (one token each) plus prefill chunks; longer prompts are
     prefilled in chunks over several steps, so running decodes are never stalled behind them."""
     block_size: int = 16
-    """Tokens per cache page (for the model's widest one-entry-per-token cache group)."""
+    """Entries per cache page of the model's widest paged cache group: tokens, for a plain K/V cache;
+    compressed entries (each `tokens_per_entry` tokens) for DeepSeek-V4's CSA/HCA caches."""
     kv_cache_memory: int | None = None
     """Bytes of cache memory; None: a share of free memory, capped at what max_num_seqs full
     sequences can use."""

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..outputs import StreamEvent
-from ..sampler import request_generator
 from .config import EngineConfig
 from .model_runner import ModelRunner
-from .sampler import logprob_entries, sample
+from .sampler import logprob_entries, request_generator, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 

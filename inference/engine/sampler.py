@@ -3,8 +3,9 @@
 The transformations (temperature, top-k, top-p) run on the whole [N, vocab] batch at once, row
 by row independent, so a row gets the same probabilities alone or in any batch. The draw itself
 uses each request's own CPU generator, which is what makes a seeded request give the same
-tokens whatever else is running. Log-probabilities are the log-softmax of the raw logits, as in
-inference/sampler.py (vLLM's default).
+tokens whatever else is running (and whatever device produced the logits, up to their own
+numerical differences). Log-probabilities are the log-softmax of the raw logits, before
+temperature, top-k and top-p, which is what vLLM returns by default.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def sample(
 
 
 def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """[n, vocab] logits -> probabilities after temperature, top-k and top-p (as sampler.sample_token)."""
+    """[n, vocab] logits -> probabilities after temperature, then top-k, then top-p (at least one token kept)."""
     device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
@@ -70,3 +71,11 @@ def logprob_entries(logprobs: torch.Tensor, chosen: list[int], top_k: list[int])
             entry.setdefault(token_id, value)
         entries.append(entry)
     return entries
+
+
+def request_generator(seed: int | None, engine_generator: torch.Generator) -> torch.Generator:
+    """A fresh CPU generator for one request: from its seed, or drawn from the engine's generator."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=engine_generator))
+    # Any Python int is a valid seed: fold it into the generator's 64-bit range.
+    return torch.Generator().manual_seed(seed & (2**64 - 1))

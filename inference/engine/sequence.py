@@ -1,8 +1,8 @@
 """One request's state: its tokens, where it stands in the scheduler, and the output it becomes.
 
 `append_token` is the one place where a generated token is checked against stop tokens, eos,
-stop strings and max_tokens and turned into a StreamEvent, so every decode path (the batched
-engine and the transformers fallback) ends requests the same way.
+stop strings and max_tokens and turned into a StreamEvent, so `generate` and `stream` end
+requests the same way.
 """
 
 from __future__ import annotations

@@ -82,6 +82,10 @@ class CheckpointWeights:
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"cannot read tensor {name!r} from {self._where[name]}: {error}") from error
 
+    def skip(self, name: str) -> None:
+        """Mark `name` as deliberately unused (e.g. DeepSeek's multi-token-prediction layers), unread."""
+        self._unused.discard(name)
+
     def check_all_used(self) -> None:
         """Raise if the checkpoint holds tensors the model never asked for."""
         if self._unused:

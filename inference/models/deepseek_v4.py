@@ -1,38 +1,37 @@
-"""Citadel's DeepSeek-V4: transformers' DeepseekV4ForCausalLM, computed over a batched step.
+"""Citadel's DeepSeek-V4: transformers' DeepseekV4ForCausalLM, computed over the engine's batched steps.
 
-The model takes the tokens of several sequences flattened into one [T] tensor, each sequence
-feeding a prefill chunk or one decode token, and keeps each sequence's state (sliding-window
-keys, compressor tails, compressed entries, indexer keys) in a V4CachePool (deepseek_v4_cache.py),
-addressed step by step through a V4Batch (deepseek_v4_batch.py). Every layer type transformers
-defines is here: sliding-window, compressed sparse attention with its lightning indexer, heavily
-compressed attention; hash-routed and top-k routed MoE with a shared expert; hyper-connections
-with Sinkhorn mixing.
+The model implements the engine's model interface (inference/engine/__init__.py): it takes the
+tokens of several sequences flattened into one [T] tensor, each sequence feeding a prefill chunk
+or one decode token, and keeps each sequence's state (sliding-window keys, compressor tails,
+compressed entries, indexer keys) in the engine's cache, as the groups its `cache_spec()`
+declares (deepseek_v4_cache.py). Each step's addressing is derived once from the ForwardContext
+(a V4Batch, deepseek_v4_batch.py). Every layer type transformers defines is here: sliding-window,
+compressed sparse attention with its lightning indexer, heavily compressed attention; hash-routed
+and top-k routed MoE with a shared expert; hyper-connections with Sinkhorn mixing.
 
-    model = load_model(folder, device="cpu", dtype=torch.float32)
-    pool = V4CachePool(model.config, byte_budget=1 << 30, max_seqs=64, dtype=model.dtype,
-                       device=model.device)
-    caches = [pool.allocate(prompt_len=len(p)) for p in prompts]
-    batch = V4Batch.build(pool, [(c, len(p)) for c, p in zip(caches, prompts)])
-    hidden = model(torch.tensor(sum(prompts, [])), batch)       # [T, D], advances the caches
-    logits = model.compute_logits(hidden[[o - 1 for o in batch.offsets[1:]]])   # last token of each
+    llm = inference.LLM("/models/deepseek-v4")     # registry.load_model builds and fills it
 
 Weights load 1:1 from DeepSeek's tensor names, memory-mapped from the safetensors shards onto
 a model built on the meta device. The same names with transformers' few top-level renames
 (model. prefix, embed_tokens, lm_head, hc_head.hc_*) are accepted, as `save_pretrained` writes
 them; the multi-token-prediction layers (mtp.*) are not used and are skipped.
+
+Each sequence's original prompt length (ForwardContext.prompt_lens) decides how exact ties among
+the indexer's scores are broken (deepseek_v4_attention.select_top_k), so that results equal
+transformers' generate() whatever the chunking, batching or recomputation after preemption.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..engine.cache import CacheSpec
+from ..engine.context import ForwardContext
+from ..engine.weights import CheckpointError, CheckpointWeights
 from .deepseek_v4_attention import Attention
 from .deepseek_v4_batch import V4Batch
+from .deepseek_v4_cache import V4CacheLayout
 from .deepseek_v4_layers import HyperConnection, MoE, RMSNorm, Rotary, unweighted_rms_norm
 
 # transformers' save_pretrained names for the few top-level tensors -> DeepSeek's.
@@ -44,10 +43,6 @@ _TOP_LEVEL_RENAMES = {
     "hc_head.hc_scale": "hc_head_scale",
 }
 _SKIPPED_PREFIXES = ("mtp.",)
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not fit the model: a missing, unexpected, misshapen or unreadable tensor."""
 
 
 class Block(nn.Module):
@@ -84,11 +79,12 @@ class Block(nn.Module):
 
 
 class CitadelDeepseekV4(nn.Module):
-    """DeepSeek-V4 causal LM over V4Batch steps (build with load_model, or on meta and load_weights)."""
+    """DeepSeek-V4 causal LM: the engine's model interface (cache_spec, forward, compute_logits, load_weights)."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.layout = V4CacheLayout.from_config(config)
         hc, D = config.hc_mult, config.hidden_size
         self.embed = nn.Embedding(config.vocab_size, D)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
@@ -107,19 +103,25 @@ class CitadelDeepseekV4(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @property
+    def max_model_len(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def cache_spec(self) -> CacheSpec:
+        """The window ring and compressor tails per sequence, CSA and HCA entries in pages."""
+        return self.layout.cache_spec(self.dtype)
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, batch: V4Batch) -> torch.Tensor:
-        """input_ids [T] of the batch's sequences -> final hidden states [T, D]; advances the caches."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids, positions [T] of the step's sequences -> final hidden states [T, D]; writes the caches."""
         assert self.rotary is not None, "load the weights first (load_weights builds the rotary tables)"
+        batch = V4Batch.build(self.layout, positions, ctx)
         assert input_ids.shape == (batch.num_tokens,)
         x = self.embed(input_ids)  # [T, D]
-        batch.rope = {
-            kind: self.rotary.cos_sin(batch.positions, kind, x.dtype) for kind in ("main", "compress")
-        }
+        batch.rope = {kind: self.rotary.cos_sin(positions, kind, x.dtype) for kind in ("main", "compress")}
         h = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()  # [T, hc, D]
         for layer in self.layers:
             h = layer(h, input_ids, batch, self.rotary)
-        batch.commit()
         flat = unweighted_rms_norm(h.flatten(1).float(), self.config.rms_norm_eps)
         pre = torch.sigmoid(
             nn.functional.linear(flat, self.hc_head_fn) * self.hc_head_scale + self.hc_head_base
@@ -132,8 +134,8 @@ class CitadelDeepseekV4(nn.Module):
         """hidden [N, D] -> float32 logits [N, vocab]."""
         return self.head(hidden).float()
 
-    def load_weights(self, weights, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Fill from a checkpoint reader with names() and get(name) (the engine's CheckpointWeights)."""
+    def load_weights(self, weights: CheckpointWeights, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Fill every parameter and buffer from the checkpoint (this module was built on the meta device)."""
         fill_weights(self, weights, device, dtype)
 
 
@@ -152,59 +154,10 @@ def canonical_name(name: str) -> str | None:
     return _TOP_LEVEL_RENAMES.get(name, name)
 
 
-class SafetensorsFolder:
-    """Name -> tensor over the *.safetensors shards of a folder, memory-mapped and read lazily.
-
-    The same two methods as the engine's CheckpointWeights (names, get), so either can fill the
-    model; errors name the shard that cannot be read.
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({error})") from error
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{index.name} names shards that {folder} lacks: {', '.join(missing[:5])}"
-                )
-        else:
-            shards = sorted(folder.glob("*.safetensors"))
-        if not shards:
-            raise CheckpointError(f"{folder} has no *.safetensors weights")
-        self._where: dict[str, tuple[Path, object]] = {}
-        for shard in shards:
-            try:
-                handle = safe_open(str(shard), framework="pt", device="cpu")
-                names = list(handle.keys())
-            except (SafetensorError, OSError, ValueError) as error:
-                raise CheckpointError(
-                    f"the weight shard {shard} is corrupt or truncated ({error}): copy it again"
-                ) from error
-            for name in names:
-                if name in self._where:
-                    raise CheckpointError(
-                        f"tensor {name!r} is in both {self._where[name][0].name} and {shard.name}"
-                    )
-                self._where[name] = (shard, handle)
-
-    def names(self) -> list[str]:
-        return sorted(self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        shard, handle = self._where[name]
-        try:
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"cannot read tensor {name!r} from {shard}: {error}") from error
-
-
-def fill_weights(model: CitadelDeepseekV4, weights, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Fill `model` (built on the meta device) from `weights` (names() and get(name), e.g. SafetensorsFolder).
+def fill_weights(
+    model: CitadelDeepseekV4, weights: CheckpointWeights, device: torch.device | str, dtype: torch.dtype
+) -> None:
+    """Fill `model` (built on the meta device) from the memory-mapped checkpoint `weights`.
 
     Floating-point tensors become `dtype` except those transformers keeps in float32; integer
     tables (the hash router's tid2eid) keep their type. Raises CheckpointError naming the tensor
@@ -214,7 +167,9 @@ def fill_weights(model: CitadelDeepseekV4, weights, device: torch.device | str, 
     by_name: dict[str, str] = {}
     for stored in weights.names():
         name = canonical_name(stored)
-        if name is not None:
+        if name is None:
+            weights.skip(stored)
+        else:
             by_name[name] = stored
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
@@ -258,22 +213,3 @@ def fill_weights(model: CitadelDeepseekV4, weights, device: torch.device | str, 
     model.rotary = Rotary(model.config, device)
     model.eval()
 
-
-def load_weights(
-    model: CitadelDeepseekV4, path: str | Path, device: torch.device | str, dtype: torch.dtype
-) -> None:
-    """Fill `model` (built on the meta device) from the checkpoint folder `path`, memory-mapped."""
-    fill_weights(model, SafetensorsFolder(path), device, dtype)
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """CitadelDeepseekV4 from a Hugging Face checkpoint folder (config.json + safetensors)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if config.model_type != "deepseek_v4":
-        raise ValueError(f"{path} holds a {config.model_type!r} model, not deepseek_v4")
-    with torch.device("meta"):
-        model = CitadelDeepseekV4(config)
-    load_weights(model, path, device, dtype)
-    return model

@@ -3,9 +3,9 @@
 Every layer attends over its sliding window of shared keys/values (MQA, one KV head) with a
 learned per-head sink; CSA and HCA layers add compressed entries, one per `m` tokens, pooled by
 a Compressor. HCA attends to all visible entries; CSA attends to the `index_topk` entries its
-lightning Indexer scores highest. State lives in the V4CachePool (deepseek_v4_cache.py),
-addressed through a V4Batch (deepseek_v4_batch.py): this step's tokens are attended from fresh
-tensors plus what the rings and pages hold.
+lightning Indexer scores highest. State lives in the engine's cache (the groups of
+deepseek_v4_cache.py), addressed through a V4Batch (deepseek_v4_batch.py): this step's tokens are
+attended from fresh tensors plus what the rings (in each sequence's slot) and pages hold.
 
 Single-token sequences (decodes) are attended together in one batched gather, O(window +
 selected entries) per query; each prefill chunk is attended one sequence at a time, its queries
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deepseek_v4_batch import GroupMeta, V4Batch
+from .deepseek_v4_cache import GROUPS, WINDOW
 from .deepseek_v4_layers import RMSNorm, Rotary, apply_rope, unweighted_rms_norm
 
 # Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
@@ -162,27 +163,27 @@ class Attention(nn.Module):
         self.wo_b = nn.Linear(self.groups * self.o_rank, D, bias=False)
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.compressor = self.indexer = None
-        if self.kind == "compressed_sparse_attention":
-            self.group = "csa"
+        self.group = GROUPS.get(self.kind)  # its paged cache group, None for sliding-window layers
+        # This layer's index among the layers of its kind: caches[group][kind_index] is its tensor.
+        self.kind_index = list(config.layer_types[:layer_id]).count(self.kind)
+        if self.group == "csa":
             rate = config.compress_rates[self.kind]
             self.compressor = Compressor(config, hd, rate, overlap=True)
             self.indexer = Indexer(config, rate)
-        elif self.kind == "heavily_compressed_attention":
-            self.group = "hca"
+        elif self.group == "hca":
             self.compressor = Compressor(config, hd, config.compress_rates[self.kind], overlap=False)
 
     def forward(self, x: torch.Tensor, batch: V4Batch, rotary: Rotary) -> torch.Tensor:
         """x [T, D] -> [T, D]; reads and writes this layer's state in the batch's caches."""
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
-        pool = batch.pool
         cos, sin = batch.rope[self.rope_kind]  # [T, r/2]
         q_residual = self.q_norm(self.wq_a(x))  # [T, q_lora]
         q = unweighted_rms_norm(self.wq_b(q_residual).view(T, H, hd), self.eps)
         q = apply_rope(q, cos[:, None], sin[:, None])  # [T, H, hd]
         kv = apply_rope(self.norm(self.wkv(x)), cos, sin)  # [T, hd]: keys and values alike
 
-        ring = batch.rings["window"]
-        window = pool.slot_views["window"][:, self.layer_id]  # [S, W, hd]
+        ring = batch.rings[WINDOW]
+        window = batch.caches[WINDOW][self.layer_id]  # [S, W, hd]
         window_read = window[batch.slots[:, None], ring.read_slot]  # [B, W-1, hd]: positions start-W+1..
 
         entries = index = None
@@ -209,14 +210,13 @@ class Attention(nn.Module):
 
     def _compress(self, x, batch: V4Batch, rotary: Rotary):
         """Emit this step's entries into the pages and keep the tail; returns the page group views."""
-        pool, group = batch.pool, batch.groups[self.group]
+        group = batch.groups[self.group]
         ring, emit = batch.rings[self.group], group.emit
-        kind_index = getattr(pool.layout, f"{self.group}_layers").index(self.layer_id)
-        tail = pool.slot_views[f"{self.group}_tail"][:, kind_index]  # [S, R, C]
+        tail = batch.caches[f"{self.group}_tail"][self.kind_index]  # [S, R, C]
         fresh = self.compressor.project(x)  # [T, C_main]
         if self.indexer is not None:
             fresh = torch.cat([fresh, self.indexer.compressor.project(x)], dim=-1)  # [T, C]
-        pages = pool.page_views[self.group][:, kind_index]  # [P, entries_per_page, hd (+ ihd)]
+        pages = batch.caches[self.group][self.kind_index]  # [P, entries_per_page, hd (+ ihd)]
         if emit.count:
             tail_read = tail[batch.slots[:, None], ring.read_slot]  # [B, R-1, C]
             src = torch.cat([tail_read.flatten(0, 1), fresh])[emit.src_index]  # [E, n_src, C]
@@ -240,7 +240,7 @@ class Attention(nn.Module):
         rows, tokens = batch.decode_rows, batch.decode_tokens
         pos = batch.positions[tokens]  # [Bd]
         keys = torch.cat([window_read[rows], kv[tokens, None]], dim=1)  # [Bd, W, hd]
-        valid = torch.cat([batch.rings["window"].read_valid[rows], pos.new_ones(len(rows), 1).bool()], dim=1)
+        valid = torch.cat([batch.rings[WINDOW].read_valid[rows], pos.new_ones(len(rows), 1).bool()], dim=1)
         if entries is not None:
             group: GroupMeta = batch.groups[self.group]
             counts = [group.counts[i] for i in batch.decodes]
@@ -253,9 +253,8 @@ class Attention(nn.Module):
                     page, offset = group.locate(rows, ids)
                     scores = self.indexer.scores(iq[tokens], iw[tokens], index_keys[page, offset])  # [Bd, N]
                     scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
-                    hf_len = torch.where(
-                        pos < batch.prompt_lens[rows], batch.prompt_lens[rows] // group.rate, visible
-                    )
+                    prompt_lens = batch.prompt_len_tensor[rows]
+                    hf_len = torch.where(pos < prompt_lens, prompt_lens // group.rate, visible)
                     ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)
                 else:
                     chosen = ids < visible[:, None]
@@ -291,7 +290,7 @@ class Attention(nn.Module):
             if seq is None:
                 out[a:b] = torch.matmul(softmax_with_sink(scores, self.attn_sink).to(q.dtype), keys)
                 continue
-            extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.caches[i].prompt_len)
+            extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.prompt_lens[i])
             extra = torch.matmul(q[a:b], extra_keys.transpose(-1, -2)) * self.scaling  # [Lb, H, K]
             extra = extra.masked_fill(~chosen[:, None], float("-inf"))
             probs = softmax_with_sink(torch.cat([scores, extra], dim=-1), self.attn_sink).to(q.dtype)

@@ -1,11 +1,12 @@
-"""The addressing one batched DeepSeek-V4 step needs, computed once per step on the host.
+"""The addressing one batched DeepSeek-V4 step needs, derived once per step from the ForwardContext.
 
-A step feeds several sequences at once, flattened into [T] tokens without padding: each
-sequence a prefill chunk or one decode token, starting where its cache stands. For every ring
-(the window, the compressor tails) V4Batch says which slots to read (positions before the
-step) and write (the step's last R-1 positions); for every page group, which entries close in
-this step, where their source tokens are (ring or fresh) and which page they go to, plus the
-page tables for reading. Layers only index with these tensors: no host work per layer.
+The engine flattens a step into [T] tokens without padding: each sequence a prefill chunk or one
+decode token, starting where its cache stands, single-token sequences first. For every ring (the
+window, the compressor tails, kept in each sequence's slot) V4Batch says which ring entries to
+read (positions before the step) and write (the step's last R-1 positions); for every paged group
+(deepseek_v4_cache.py), which entries close in this step, where their source tokens are (ring or
+fresh) and which page they go to, plus the block tables for reading. Layers only index with these
+tensors: no host work per layer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .deepseek_v4_cache import CacheFullError, V4CachePool, V4SequenceCache
+from ..engine.context import ForwardContext
+from .deepseek_v4_cache import WINDOW, V4CacheLayout
 
 
 @dataclass
@@ -23,7 +25,7 @@ class RingMeta:
 
     read_slot: torch.Tensor  # [B, R-1] ring index of positions start-R+1 .. start-1
     read_valid: torch.Tensor  # [B, R-1] position >= 0
-    write_seq_slot: torch.Tensor  # [Nw] the pool slot of each written token's sequence
+    write_seq_slot: torch.Tensor  # [Nw] the cache slot of each written token's sequence
     write_ring: torch.Tensor  # [Nw] position % R
     write_token: torch.Tensor  # [Nw] index into the step's T tokens (the last R-1 of each sequence)
 
@@ -42,7 +44,7 @@ class EmitMeta:
 
 @dataclass
 class GroupMeta:
-    """Reading one page group: page tables and entry counts once this step is written."""
+    """Reading one paged group: block tables and entry counts once this step is written."""
 
     rate: int
     entries_per_page: int
@@ -66,18 +68,20 @@ class V4Batch:
     chunks) one sequence at a time.
     """
 
-    pool: V4CachePool
-    caches: list[V4SequenceCache]
+    caches: dict[str, list[torch.Tensor]]
+    """The engine's cache tensors: per group, per layer of the group (ForwardContext.caches)."""
     starts: list[int]
     lens: list[int]
     offsets: list[int]
+    prompt_lens: list[int]
+    """Each sequence's original prompt length (it decides how indexer score ties are broken)."""
     positions: torch.Tensor  # [T]
-    slots: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B] each sequence's cache slot
     decodes: list[int]  # batch rows with one token
     prefills: list[int]  # batch rows with more
     decode_rows: torch.Tensor  # [Bd]
     decode_tokens: torch.Tensor  # [Bd] their token index
-    prompt_lens: torch.Tensor  # [B]
+    prompt_len_tensor: torch.Tensor  # [B]
     rings: dict[str, RingMeta]
     groups: dict[str, GroupMeta]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -88,78 +92,61 @@ class V4Batch:
         return self.offsets[-1]
 
     @classmethod
-    def build(cls, pool: V4CachePool, steps: list[tuple[V4SequenceCache, int]]) -> V4Batch:
-        """`steps`: (cache, number of new tokens) per sequence, in the order of the flattened tokens."""
-        assert steps and all(n >= 1 for _, n in steps), "every sequence must feed at least one token"
-        assert len({id(c) for c, _ in steps}) == len(steps), "a sequence may appear once per step"
-        layout, dev = pool.layout, pool.device
-        needed = sum(pool.pages_needed(cache, cache.num_tokens + n) for cache, n in steps)
-        if needed > pool.num_free_pages:  # checked first, so a refused step takes no page
-            raise CacheFullError(f"this step needs {needed} more pages but {pool.num_free_pages} are free")
-        for cache, n in steps:
-            pool.grow(cache, cache.num_tokens + n)
-        caches = [c for c, _ in steps]
-        starts = [c.num_tokens for c in caches]
-        lens = [n for _, n in steps]
-        offsets = [0]
-        for n in lens:
-            offsets.append(offsets[-1] + n)
+    def build(cls, layout: V4CacheLayout, positions: torch.Tensor, ctx: ForwardContext) -> V4Batch:
+        """The step the engine's runner describes in `ctx`, `positions` [T] on the model's device."""
+        dev = positions.device
+        lens, offsets = list(ctx.query_lens), list(ctx.query_starts)
+        starts = [c - n for c, n in zip(ctx.context_lens, lens, strict=True)]
+        assert lens and all(n >= 1 for n in lens), "every sequence feeds at least one token"
         starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
-        offsets_t = torch.tensor(offsets[:-1])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(steps)), lens_t)  # [T]
-        positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - offsets_t[seq_of_token]  # [T]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)  # [T]
+        host_positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - torch.tensor(offsets[:-1])[seq_of_token]
         decodes = [i for i, n in enumerate(lens) if n == 1]
 
         def ring(size: int) -> RingMeta:
             back = torch.arange(size - 1) - (size - 1)  # [R-1]
             read_pos = starts_t[:, None] + back  # [B, R-1]
             ends = (starts_t + lens_t)[seq_of_token]  # [T]
-            written = torch.nonzero(positions >= ends - (size - 1)).flatten()  # [Nw]
+            written = torch.nonzero(host_positions >= ends - (size - 1)).flatten()  # [Nw]
             return RingMeta(
                 read_slot=(read_pos % size).to(dev),
                 read_valid=(read_pos >= 0).to(dev),
-                write_seq_slot=torch.tensor([c.slot for c in caches])[seq_of_token[written]].to(dev),
-                write_ring=(positions[written] % size).to(dev),
+                write_seq_slot=ctx.slots[seq_of_token[written].to(dev)],
+                write_ring=(host_positions[written] % size).to(dev),
                 write_token=written.to(dev),
             )
 
-        rings = {"window": ring(layout.window)}
+        rings = {WINDOW: ring(layout.window)}
         groups = {}
-        for name, size, overlap in (("csa", 2 * layout.csa_rate, True), ("hca", layout.hca_rate, False)):
-            if name not in pool.page_views:
-                continue
-            rate, per_page = pool.tokens_per_entry[name], pool.entries_per_page[name]
-            rings[name] = ring(size)
+        for name in layout.paged:
+            tables = ctx.groups[name]
+            rings[name] = ring(layout.tail_size(name))
             groups[name] = _group_meta(
-                name, caches, starts, lens, offsets, rate, per_page, size, overlap, dev
+                starts_t, lens_t, offsets, layout.rate(name), tables.block_tables, tables.page_entries,
+                layout.tail_size(name), overlap=name == "csa",
             )
         return cls(
-            pool=pool,
-            caches=caches,
+            caches=ctx.caches,
             starts=starts,
             lens=lens,
             offsets=offsets,
-            positions=positions.to(dev),
-            slots=torch.tensor([c.slot for c in caches], device=dev),
+            prompt_lens=list(ctx.prompt_lens),
+            positions=positions,
+            slots=ctx.slots,
             decodes=decodes,
             prefills=[i for i, n in enumerate(lens) if n > 1],
             decode_rows=torch.tensor(decodes, dtype=torch.long, device=dev),
             decode_tokens=torch.tensor([offsets[i] for i in decodes], dtype=torch.long, device=dev),
-            prompt_lens=torch.tensor([c.prompt_len for c in caches], device=dev),
+            prompt_len_tensor=torch.tensor(ctx.prompt_lens, device=dev),
             rings=rings,
             groups=groups,
         )
 
-    def commit(self) -> None:
-        """Every layer has written this step: advance each sequence's token count."""
-        for cache, n in zip(self.caches, self.lens, strict=True):
-            cache.num_tokens += n
 
-
-def _group_meta(name, caches, starts, lens, offsets, rate, per_page, ring_size, overlap, dev) -> GroupMeta:
-    """Entries emitted by this step (their source rows, RoPE positions, pages) and page tables."""
-    batch, n_src = len(caches), 2 * rate if overlap else rate
-    starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
+def _group_meta(starts_t, lens_t, offsets, rate, tables, per_page, ring_size, overlap) -> GroupMeta:
+    """Entries emitted by this step (their source rows, RoPE positions, pages) and block tables."""
+    dev = tables.device
+    batch, n_src = len(starts_t), 2 * rate if overlap else rate
     first, last = starts_t // rate, (starts_t + lens_t) // rate  # entries [first, last) close in this step
     per_seq = last - first  # [B]
     seq = torch.repeat_interleave(torch.arange(batch), per_seq)  # [E]
@@ -169,16 +156,12 @@ def _group_meta(name, caches, starts, lens, offsets, rate, per_page, ring_size, 
     s = starts_t[seq][:, None]
     from_ring = seq[:, None] * (ring_size - 1) + src_pos - (s - (ring_size - 1))
     fresh = batch * (ring_size - 1) + torch.tensor(offsets[:-1])[seq][:, None] + src_pos - s
-    max_pages = max(1, max(len(c.pages[name]) for c in caches))
-    tables = torch.tensor([c.pages[name] + [0] * (max_pages - len(c.pages[name])) for c in caches])
     emit = EmitMeta(
         count=len(seq),
         src_index=torch.where(src_pos < s, from_ring, fresh).clamp(min=0).to(dev),
         src_valid=(src_pos >= 0).to(dev),
         positions=(e * rate).to(dev),
-        page=tables[seq, e // per_page].to(dev),
+        page=tables[seq.to(dev), (e // per_page).to(dev)],
         offset=(e % per_page).to(dev),
     )
-    return GroupMeta(
-        rate=rate, entries_per_page=per_page, tables=tables.to(dev), counts=last.tolist(), emit=emit
-    )
+    return GroupMeta(rate=rate, entries_per_page=per_page, tables=tables, counts=last.tolist(), emit=emit)

@@ -1,4 +1,4 @@
-"""Behaviour of the engine's public API (`LLM`) on the tiny DeepSeek-V4 checkpoint.
+"""Behaviour of the engine's public API (`LLM`) on the tiny DeepSeek-V4 checkpoint (served by the engine).
 
 transformers is the correctness oracle: the same weights loaded by plain transformers must
 produce the same greedy tokens and the same log-probabilities.
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from inference import LLM, SamplingParams
+from tests.inference.test_qwen3_moe_model import single_threaded_torch  # noqa: F401 (autouse)
 
 # Long enough to slide out of the 16-token window and to fill several compressor windows.
 LONG_PROMPT = (

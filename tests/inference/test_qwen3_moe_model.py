@@ -104,7 +104,6 @@ def hf_model(checkpoint):
 
 
 def test_a_qwen3_moe_checkpoint_runs_on_the_native_engine(llm):
-    assert llm.uses_engine
     assert llm.stats()["backend"] == "citadel"
 
 
