@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import math
 
 import httpx
 import openai
@@ -59,6 +60,72 @@ def test_text_completions_work_streamed_and_not(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
     assert streamed == whole.choices[0].text
+
+
+def _assert_chat_logprobs(content, top):
+    assert content, "no token logprobs"
+    for entry in content:
+        assert isinstance(entry.token, str) and entry.bytes is not None and entry.logprob <= 0
+        assert len(entry.top_logprobs) == top
+        best = [alternative.logprob for alternative in entry.top_logprobs]
+        assert best == sorted(best, reverse=True) and all(value <= 0 for value in best)
+        assert sum(math.exp(value) for value in best) <= 1 + 1e-5
+        assert entry.logprob == pytest.approx(best[0], abs=1e-5)  # greedy: the chosen token is the likeliest
+
+
+def test_a_chat_completion_returns_each_tokens_logprob_and_its_top_alternatives(client):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    _assert_chat_logprobs(content, 3)
+    assert len(content) <= reply.usage.completion_tokens  # the ending <|end|>, when generated, is not listed
+
+
+def test_a_streamed_chat_completion_carries_the_logprobs_of_each_deltas_tokens(client):
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    chunks = [c for c in client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                                        logprobs=True, top_logprobs=3, stream=True) if c.choices]
+    streamed = [entry for c in chunks if c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    _assert_chat_logprobs(streamed, 3)
+    assert [e.token for e in streamed] == [e.token for e in whole.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content],
+                                                          abs=1e-4)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason and chunks[-1].choices[0].logprobs is None  # it has no tokens
+
+
+def _assert_completion_logprobs(logprobs, top):
+    n = len(logprobs.tokens)
+    assert n and len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset) == n
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    for token, logprob, alternatives in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs,
+                                            strict=True):
+        assert logprob <= 0 and sum(math.exp(value) for value in alternatives.values()) <= 1 + 1e-5
+        # greedy, so the chosen token is among the `top` likeliest; two tokens that decode to the same
+        # string (e.g. halves of characters, both "\ufffd") share one key, so there may be fewer
+        assert 1 <= len(alternatives) <= top and alternatives[token] == pytest.approx(logprob, abs=1e-5)
+    assert any(len(alternatives) == top for alternatives in logprobs.top_logprobs)
+
+
+def test_a_text_completion_returns_logprobs_in_the_legacy_shape_streamed_and_not(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                      logprobs=2)
+    _assert_completion_logprobs(whole.choices[0].logprobs, 2)
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                            logprobs=2, stream=True))
+    pieces = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == whole.choices[0].logprobs.tokens
+    assert [o for p in pieces for o in p.text_offset] == whole.choices[0].logprobs.text_offset
+
+
+def test_out_of_range_logprobs_get_a_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=HELLO, logprobs=True, top_logprobs=25)
+    assert refused.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="x", logprobs=6)
+    assert refused.value.body["param"] == "logprobs"
 
 
 def test_concurrent_streams_are_all_answered(client):

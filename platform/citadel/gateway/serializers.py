@@ -1,7 +1,8 @@
 """Validation of OpenAI request bodies. Errors name the field (OpenAI's `param`).
 
 Fields the OpenAI protocol has but Citadel does not implement yet are refused with a clear
-400 rather than silently ignored; unknown fields are ignored, as OpenAI does.
+400 rather than silently ignored; unknown fields are ignored, as OpenAI does. Types are checked
+as strictly as OpenAI checks them where a loose reading would surprise (`"logprobs": "yes"`).
 """
 
 from rest_framework import serializers
@@ -9,13 +10,40 @@ from rest_framework import serializers
 ROLES = ("system", "developer", "user", "assistant", "tool")
 UNSUPPORTED = {
     "n": lambda value: value not in (None, 1),
-    "logprobs": lambda value: value not in (None, False, 0),
-    "top_logprobs": lambda value: value not in (None, 0),
     "echo": lambda value: bool(value),
     "best_of": lambda value: value not in (None, 1),
     "tools": lambda value: bool(value),
     "suffix": lambda value: bool(value),
 }
+
+
+# OpenAI's limits: top_logprobs of chat completions, logprobs of (legacy) completions.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer: unlike DRF's IntegerField, "3", 3.0 and true are refused, as OpenAI does."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON true or false: unlike DRF's BooleanField, "yes", 1 and "true" are refused."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+def _count_field(limit: int, what: str) -> StrictIntegerField:
+    message = f"must be an integer from 0 to {limit} ({what})."
+    return StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=limit,
+                              error_messages={"invalid": message, "min_value": message, "max_value": message})
 
 
 class StopField(serializers.Field):
@@ -84,11 +112,23 @@ class MessageInput(serializers.Serializer):
 class ChatCompletionInput(SamplingInput):
     messages = MessageInput(many=True, allow_empty=False)
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=32768)
+    logprobs = StrictBooleanField(required=False, allow_null=True,
+                                  error_messages={"invalid": "must be true or false."})
+    top_logprobs = _count_field(MAX_TOP_LOGPROBS, "how many of the most likely tokens to return at each position")
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if attrs.get("top_logprobs") is not None and not attrs.get("logprobs"):
+            raise serializers.ValidationError(
+                {"top_logprobs": 'needs "logprobs": true as well; set logprobs to true or leave top_logprobs out.'})
+        return attrs
 
     def sampling(self) -> dict:
         params = super().sampling()
         if self.validated_data.get("max_completion_tokens"):
             params["max_tokens"] = self.validated_data["max_completion_tokens"]
+        if self.validated_data.get("logprobs"):
+            params["logprobs"] = self.validated_data.get("top_logprobs") or 0
         return params
 
     def payload(self) -> dict:
@@ -113,7 +153,23 @@ class PromptField(serializers.Field):
 
 class CompletionInput(SamplingInput):
     prompt = PromptField()
+    logprobs = _count_field(MAX_COMPLETION_LOGPROBS, "how many of the most likely tokens to return at each "
+                                                     "position, besides the chosen one")
     default_max_tokens = 16
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if self.initial_data.get("top_logprobs") is not None:
+            raise serializers.ValidationError(
+                {"top_logprobs": "is a chat completions field; /v1/completions takes logprobs, an integer "
+                                 f"from 0 to {MAX_COMPLETION_LOGPROBS}, instead."})
+        return attrs
+
+    def sampling(self) -> dict:
+        params = super().sampling()
+        if self.validated_data.get("logprobs") is not None:
+            params["logprobs"] = self.validated_data["logprobs"]
+        return params
 
     def payload(self) -> dict:
         return {"prompt": self.validated_data["prompt"], "sampling": self.sampling()}

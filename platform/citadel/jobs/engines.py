@@ -6,11 +6,15 @@ the first task for a model loads it, later tasks reuse it. Web processes never i
 
 import json
 import threading
+from pathlib import Path
+
+from citadel.jobs.logprobs import TokenTexts
 
 
 class EngineCache:
     def __init__(self):
         self._engines: dict[str, object] = {}
+        self._token_texts: dict[str, TokenTexts] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -28,6 +32,16 @@ class EngineCache:
                 engine = LLM(model=path, **(engine_settings or {}))
                 self._engines[key] = engine
             return engine
+
+    def token_texts(self, *, path: str) -> TokenTexts:
+        """Token strings and bytes for this checkpoint's tokenizer (a separate instance, see TokenTexts)."""
+        with self._lock:
+            texts = self._token_texts.get(path)
+            if texts is None:
+                from inference.loader import load_tokenizer
+
+                texts = self._token_texts[path] = TokenTexts(load_tokenizer(Path(path)))
+            return texts
 
     def loaded_paths(self) -> list[str]:
         with self._lock:

@@ -3,6 +3,8 @@
 A job row is written before anything is dispatched, so a lost message is visible (the job
 stays queued) and a redelivered one finds the job no longer queued and does nothing.
 Streamed tokens are appended as chunk rows that the web process reads back in order.
+When a request asks for log-probabilities, the job and each chunk also hold them, one entry per
+token (see citadel.jobs.logprobs for the shape).
 """
 
 import uuid
@@ -43,6 +45,10 @@ class InferenceJob(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     text = models.TextField(blank=True)
     finish_reason = models.CharField(max_length=16, blank=True)
+    logprobs = models.JSONField(
+        null=True, blank=True,
+        help_text="Per generated token, when the request asked for logprobs: "
+                  "{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}.")
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     error_code = models.CharField(max_length=64, blank=True)
@@ -68,6 +74,8 @@ class InferenceChunk(models.Model):
     job = models.ForeignKey(InferenceJob, on_delete=models.CASCADE, related_name="chunks")
     index = models.PositiveIntegerField()
     text = models.TextField()
+    logprobs = models.JSONField(null=True, blank=True,
+                                help_text="The log-probabilities of this chunk's tokens (streamed jobs that asked).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -22,6 +22,8 @@ from citadel.registry.selectors import worker_is_live, workers_live
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: list[dict] | None = None
+    """Per token of this piece, when the job was streamed and asked for logprobs."""
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,15 @@ def job_follow(*, job_id, timeout: float | None = None) -> Iterator[Delta | Fini
         pending = InferenceChunk.objects.filter(job_id=job_id, index__gte=next_index).order_by("index")
         if job.is_terminal:
             # The worker commits every chunk before the final state, so all of them are visible now.
-            for text in pending.values_list("text", flat=True):
-                yield Delta(text)
+            for text, logprobs in pending.values_list("text", "logprobs"):
+                yield Delta(text, logprobs)
             yield Finished(job)
             return
-        for index, text in pending.values_list("index", "text"):
+        for index, text, logprobs in pending.values_list("index", "text", "logprobs"):
             if index != next_index:
                 break  # a gap: that chunk's commit is not visible yet; read it on the next poll
             next_index += 1
-            yield Delta(text)
+            yield Delta(text, logprobs)
         now = time.monotonic()
         if now > deadline:
             job_fail(job_id=job_id, code="timeout", message="The job did not finish in time.",

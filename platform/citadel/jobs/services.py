@@ -123,16 +123,16 @@ def job_claim(*, job_id: str, worker_name: str) -> InferenceJob | None:
     return job
 
 
-def job_append_chunk(*, job: InferenceJob, index: int, text: str) -> None:
-    InferenceChunk.objects.create(job=job, index=index, text=text)
+def job_append_chunk(*, job: InferenceJob, index: int, text: str, logprobs: list[dict] | None = None) -> None:
+    InferenceChunk.objects.create(job=job, index=index, text=text, logprobs=logprobs)
 
 
 @transaction.atomic
 def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_tokens: int,
-                completion_tokens: int) -> None:
+                completion_tokens: int, logprobs: list[dict] | None = None) -> None:
     updated = InferenceJob.objects.filter(pk=job.pk, status=InferenceJob.Status.RUNNING).update(
         status=InferenceJob.Status.SUCCEEDED, text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens, finished_at=timezone.now(),
+        completion_tokens=completion_tokens, logprobs=logprobs, finished_at=timezone.now(),
     )
     if updated:
         audit_record(actor=Actor.system(job.worker_name), action=f"inference.{job.kind}.complete",

@@ -10,6 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from citadel.audit.services import Actor
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
 from citadel.jobs.engines import engines
+from citadel.jobs.logprobs import TokenTexts, event_entries
 from citadel.jobs.models import InferenceJob
 from citadel.jobs.services import job_append_chunk, job_claim, job_fail, job_succeed, jobs_redispatch_queued
 
@@ -34,6 +35,47 @@ class _InvalidParams(Exception):
     pass
 
 
+class _Output:
+    """A job's output as it is generated, written as chunk rows a few tokens at a time.
+
+    With `texts`, each token's log-probabilities travel too: all of them with the job, and those
+    of a chunk's tokens with the chunk when the job is streamed.
+    """
+
+    def __init__(self, job: InferenceJob, *, texts: TokenTexts | None, top: int | None):
+        self.job, self.texts, self.top = job, texts, top
+        self.pieces: list[str] = []
+        self.logprobs: list[dict] | None = [] if texts is not None else None
+        self.pending: list[str] = []
+        self.pending_logprobs: list[dict] = []
+        self.index, self.last_flush = 0, time.monotonic()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, event) -> None:
+        if event.text:
+            self.pending.append(event.text)
+        if self.texts is not None:
+            self.pending_logprobs.extend(event_entries(self.texts, event, top=self.top))
+        if event.finish_reason or time.monotonic() - self.last_flush >= CHUNK_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending and not self.pending_logprobs:
+            return
+        text = "".join(self.pending)
+        if self.logprobs is not None:
+            self.logprobs.extend(self.pending_logprobs)
+        chunk_logprobs = self.pending_logprobs if self.job.stream and self.logprobs is not None else None
+        if text or chunk_logprobs:
+            job_append_chunk(job=self.job, index=self.index, text=text, logprobs=chunk_logprobs)
+            self.pieces.append(text)
+            self.index += 1
+        self.pending, self.pending_logprobs, self.last_flush = [], [], time.monotonic()
+
+
 @shared_task(name="citadel.jobs.run_inference", bind=True, acks_late=True, soft_time_limit=900, time_limit=960,
              ignore_result=True)
 def run_inference(self, job_id: str) -> None:
@@ -51,22 +93,15 @@ def run_inference(self, job_id: str) -> None:
         return
     try:
         llm = engines.get(path=job.model.path, engine_settings=job.deployment.engine_settings)
-        pieces, pending, index, last_flush = [], [], 0, time.monotonic()
+        top = job.payload.get("sampling", {}).get("logprobs")
+        output = _Output(job, texts=engines.token_texts(path=job.model.path) if top is not None else None, top=top)
         event = None
         for event in _events(llm, job):
-            if event.text:
-                pending.append(event.text)
-            if pending and (event.finish_reason or time.monotonic() - last_flush >= CHUNK_FLUSH_SECONDS):
-                text = "".join(pending)
-                job_append_chunk(job=job, index=index, text=text)
-                pieces.append(text)
-                pending, index, last_flush = [], index + 1, time.monotonic()
-        if pending:
-            job_append_chunk(job=job, index=index, text="".join(pending))
-            pieces.append("".join(pending))
-        job_succeed(job=job, text="".join(pieces), finish_reason=(event.finish_reason if event else None) or "stop",
+            output.add(event)
+        output.flush()
+        job_succeed(job=job, text=output.text, finish_reason=(event.finish_reason if event else None) or "stop",
                     prompt_tokens=event.prompt_tokens if event else 0,
-                    completion_tokens=event.completion_tokens if event else 0)
+                    completion_tokens=event.completion_tokens if event else 0, logprobs=output.logprobs)
     except _InvalidParams as error:
         job_fail(job_id=job_id, code="invalid_sampling_params", message=str(error), actor=actor)
     except SoftTimeLimitExceeded:
