@@ -13,6 +13,7 @@ callers in several threads, are decoded together.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections.abc import Iterator
@@ -73,12 +74,15 @@ class LLM:
             self._engine_generator.manual_seed(seed & (2**64 - 1))
         self._lock = threading.Lock()  # the tokenizer's: the engine thread detokenizes, callers tokenize
         self._request_counter = itertools.count()
-        native = registry.load_model(self.model_path, config, self.device, self.dtype)
         self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
-        engine = LLMEngine(
-            native, engine_config, self.device, self._eos_token_ids, self._engine_generator, self._lock
+
+        # Runs in the engine loop thread (see engine/loop.py). It must not hold `self`, or the
+        # thread would keep this LLM alive and __del__ would never stop it.
+        build_engine = functools.partial(
+            _build_engine, self.model_path, config, self.device, self.dtype, engine_config,
+            self._eos_token_ids, self._engine_generator, self._lock,
         )
-        self._loop = EngineLoop(engine)
+        self._loop = EngineLoop(build_engine)
 
     @property
     def max_model_len(self) -> int:
@@ -205,6 +209,11 @@ class LLM:
             elif isinstance(value, list | tuple):
                 ids.update(v for v in value if isinstance(v, int))
         return ids
+
+
+def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, generator, lock) -> LLMEngine:
+    native = registry.load_model(path, config, device, dtype)
+    return LLMEngine(native, engine_config, device, eos_token_ids, generator, lock)
 
 
 def _events(outbox) -> Iterator[StreamEvent]:

@@ -3,11 +3,13 @@
 Pages are counted, never moved: a sequence that grows gets more pages appended to its tables,
 a sequence that finishes or is preempted gives all of its pages (and its slot) back. Page 0 is
 the null page (see PagedCache) and is never handed out.
+
+Free pages and slots are reused last-freed first, lowest first at the start: the cache's memory
+is reserved up front but only touched as it is used, so reusing the pages already touched keeps
+the process's resident memory at what the busiest moment needed, not the whole reservation.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 from .cache import CacheSpec
 from .sequence import Sequence
@@ -20,8 +22,8 @@ class BlockManager:
         self.block_size = block_size
         self.num_pages = num_pages
         self._needs_slot = bool(spec.slot_groups)
-        self._free: deque[int] = deque(range(1, num_pages))
-        self._free_slots: deque[int] = deque(range(num_slots))
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))  # a stack: pop() takes the top
+        self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self._new_pages: list[int] = []
         self._new_slots: list[int] = []
 
@@ -61,20 +63,20 @@ class BlockManager:
         missing = self._missing(seq, num_tokens)
         assert sum(missing) <= len(self._free), "grow() without can_grow()"
         if self._needs_slot and seq.slot is None:
-            seq.slot = self._free_slots.popleft()
+            seq.slot = self._free_slots.pop()
             self._new_slots.append(seq.slot)
         if not seq.block_tables:
             seq.block_tables = [[] for _ in self.spec.paged_groups]
         for table, count in zip(seq.block_tables, missing, strict=True):
             for _ in range(count):
-                page = self._free.popleft()
+                page = self._free.pop()
                 table.append(page)
                 self._new_pages.append(page)
 
     def free(self, seq: Sequence) -> None:
         """Take back every page and the slot of `seq`."""
         for table in seq.block_tables:
-            self._free.extend(table)
+            self._free.extend(reversed(table))
         seq.block_tables = []
         if seq.slot is not None:
             self._free_slots.append(seq.slot)

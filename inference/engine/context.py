@@ -7,7 +7,7 @@ one batched gather; the prefill chunks after them are served one sequence at a t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,10 @@ class ForwardContext:
     caches: dict[str, list[torch.Tensor]]
     """Per group, per layer of the group: [num_pages, page_entries, *entry_shape] for paged groups,
     [num_slots, *entry_shape] for per-sequence ones."""
+
+    shared: dict = field(default_factory=dict)
+    """Tensors derived from this step's metadata that every layer would otherwise rebuild (masks,
+    page lists): the first layer computes them, the others reuse them (see layers/attention.py)."""
 
     @property
     def num_seqs(self) -> int:

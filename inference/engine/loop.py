@@ -5,14 +5,25 @@ sequences and read their StreamEvents from a queue of their own; the loop thread
 one that touches the engine, so every request that is in flight at a step shares that step's
 batch. When a step fails, every unfinished request receives the exception (nobody hangs) and
 the loop carries on with new requests.
+
+The loop thread also builds the engine (loads the weights, allocates the cache). On a CPU this
+matters for speed: PyTorch's OpenMP runtime (libgomp) keeps one worker pool per thread that
+runs parallel operations, and once there are more pooled threads than cores it stops letting
+idle workers spin, which made every small operation of a decode step wait for a wake-up (a
+batch-of-one step took twice as long when the weights had been loaded by another thread). So
+the thread that steps the engine is the only one that ever runs the model's operations.
+Live loops are closed at interpreter exit, so a daemon thread is never cut off mid-step.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
+from collections.abc import Callable
 
 from .llm_engine import LLMEngine
 from .sequence import Sequence
@@ -26,17 +37,38 @@ class EngineFailure(RuntimeError):
     """The engine failed while serving this request (the cause is chained)."""
 
 
+_LIVE_LOOPS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loops() -> None:
+    for loop in list(_LIVE_LOOPS):
+        loop.close(wait=True)
+
+
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "citadel-engine"):
-        self.engine = engine
+    """Starts the loop thread, which calls `build()` to make the engine, then serves requests.
+
+    The constructor returns once the engine is built, raising what `build` raised.
+    """
+
+    def __init__(self, build: Callable[[], LLMEngine], name: str = "citadel-engine"):
+        self.engine: LLMEngine | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outboxes: dict[str, queue.SimpleQueue] = {}
         self._stats_lock = threading.Lock()
         self._closed = False
         self._last_log = time.monotonic()
         self._logged_steps = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(build,), name=name, daemon=True)
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            self._closed = True
+            raise self._build_error
+        _LIVE_LOOPS.add(self)
 
     def submit(self, seq: Sequence) -> queue.SimpleQueue:
         """Queue `seq`; its StreamEvents (or an exception) arrive on the returned queue."""
@@ -68,6 +100,16 @@ class EngineLoop:
             self._thread.join(timeout=10)
 
     # -- the loop thread -----------------------------------------------------------------------
+
+    def _main(self, build: Callable[[], LLMEngine]) -> None:
+        try:
+            self.engine = build()
+        except BaseException as error:  # handed to the constructor, which raises it
+            self._build_error = error
+            return
+        finally:
+            self._built.set()
+        self._run()
 
     def _run(self) -> None:
         while True:

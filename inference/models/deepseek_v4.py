@@ -32,7 +32,7 @@ from ..engine.weights import CheckpointError, CheckpointWeights
 from .deepseek_v4_attention import Attention
 from .deepseek_v4_batch import V4Batch
 from .deepseek_v4_cache import V4CacheLayout
-from .deepseek_v4_layers import HyperConnection, MoE, RMSNorm, Rotary, unweighted_rms_norm
+from .deepseek_v4_layers import HyperConnection, MoE, RMSNorm, RopeTable, Rotary, unweighted_rms_norm
 
 # transformers' save_pretrained names for the few top-level tensors -> DeepSeek's.
 _TOP_LEVEL_RENAMES = {
@@ -118,7 +118,9 @@ class CitadelDeepseekV4(nn.Module):
         batch = V4Batch.build(self.layout, positions, ctx)
         assert input_ids.shape == (batch.num_tokens,)
         x = self.embed(input_ids)  # [T, D]
-        batch.rope = {kind: self.rotary.cos_sin(positions, kind, x.dtype) for kind in ("main", "compress")}
+        batch.rope = {
+            kind: RopeTable(*self.rotary.cos_sin(positions, kind, x.dtype)) for kind in ("main", "compress")
+        }
         h = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()  # [T, hc, D]
         for layer in self.layers:
             h = layer(h, input_ids, batch, self.rotary)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .deepseek_v4_batch import GroupMeta, V4Batch
 from .deepseek_v4_cache import GROUPS, WINDOW
-from .deepseek_v4_layers import RMSNorm, Rotary, apply_rope, unweighted_rms_norm
+from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, rotate, unweighted_rms_norm
 
 # Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
 SCORE_BUDGET = 1 << 24
@@ -120,11 +120,11 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, self.dim, rate, overlap=True)
 
     def queries(
-        self, x: torch.Tensor, q_residual: torch.Tensor, cos, sin
+        self, x: torch.Tensor, q_residual: torch.Tensor, rope: RopeTable
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q [T, nh, ihd] float32 (roped), head weights [T, nh] float32."""
-        q = apply_rope(
-            self.wq_b(q_residual).view(x.shape[0], self.n_heads, self.dim), cos[:, None], sin[:, None]
+        q = rotate(
+            self.wq_b(q_residual).view(x.shape[0], self.n_heads, self.dim), rope.cos_heads, rope.sin_alt_heads
         )
         weights = self.weights_proj(x).float() * self.n_heads**-0.5
         return q.float(), weights
@@ -176,11 +176,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: V4Batch, rotary: Rotary) -> torch.Tensor:
         """x [T, D] -> [T, D]; reads and writes this layer's state in the batch's caches."""
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
-        cos, sin = batch.rope[self.rope_kind]  # [T, r/2]
+        rope = batch.rope[self.rope_kind]
         q_residual = self.q_norm(self.wq_a(x))  # [T, q_lora]
         q = unweighted_rms_norm(self.wq_b(q_residual).view(T, H, hd), self.eps)
-        q = apply_rope(q, cos[:, None], sin[:, None])  # [T, H, hd]
-        kv = apply_rope(self.norm(self.wkv(x)), cos, sin)  # [T, hd]: keys and values alike
+        q = rotate(q, rope.cos_heads, rope.sin_alt_heads)  # [T, H, hd]
+        kv = rotate(self.norm(self.wkv(x)), rope.cos, rope.sin_alt)  # [T, hd]: keys and values alike
 
         ring = batch.rings[WINDOW]
         window = batch.caches[WINDOW][self.layer_id]  # [S, W, hd]
@@ -190,10 +190,13 @@ class Attention(nn.Module):
         if self.compressor is not None:
             entries, index_keys = self._compress(x, batch, rotary)
             if self.indexer is not None:
-                index = (index_keys, *self.indexer.queries(x, q_residual, *batch.rope["compress"]))
+                index = (index_keys, *self.indexer.queries(x, q_residual, batch.rope["compress"]))
 
-        out = x.new_empty(T, H, hd)
-        if batch.decodes:
+        if batch.all_decodes:  # the common decode-only step: no scatter into a fresh tensor
+            out = self._decode(q, kv, window_read, entries, index, batch)
+        else:
+            out = x.new_empty(T, H, hd)
+        if batch.decodes and not batch.all_decodes:
             out[batch.decode_tokens] = self._decode(q, kv, window_read, entries, index, batch)
         for i in batch.prefills:
             a, b = batch.offsets[i], batch.offsets[i + 1]
@@ -201,7 +204,7 @@ class Attention(nn.Module):
 
         window[ring.write_seq_slot, ring.write_ring] = kv[ring.write_token]
         # K = V carries RoPE on its rope channels: rotate the output back to the query's position.
-        out = apply_rope(out, cos[:, None], -sin[:, None])
+        out = rotate(out, rope.cos_heads, rope.inverse_sin_alt_heads)
         grouped = out.view(T, self.groups, -1).transpose(0, 1)  # [G, T, H*hd/G]
         w_a = self.wo_a.weight.view(self.groups, self.o_rank, -1).transpose(1, 2)  # [G, H*hd/G, o_rank]
         return self.wo_b(torch.bmm(grouped, w_a).transpose(0, 1).reshape(T, -1))
@@ -237,10 +240,11 @@ class Attention(nn.Module):
 
     def _decode(self, q, kv, window_read, entries, index, batch: V4Batch):
         """All single-token sequences at once: O(window + selected entries) per query."""
-        rows, tokens = batch.decode_rows, batch.decode_tokens
-        pos = batch.positions[tokens]  # [Bd]
-        keys = torch.cat([window_read[rows], kv[tokens, None]], dim=1)  # [Bd, W, hd]
-        valid = torch.cat([batch.rings[WINDOW].read_valid[rows], pos.new_ones(len(rows), 1).bool()], dim=1)
+        rows = batch.decode_rows
+        by_row, by_token = batch.decode_row_values, batch.decode_token_values
+        pos = by_token(batch.positions)  # [Bd]
+        keys = torch.cat([by_row(window_read), by_token(kv)[:, None]], dim=1)  # [Bd, W, hd]
+        valid = batch.decode_window_valid  # [Bd, W]
         if entries is not None:
             group: GroupMeta = batch.groups[self.group]
             counts = [group.counts[i] for i in batch.decodes]
@@ -250,18 +254,18 @@ class Attention(nn.Module):
                 ids = torch.arange(n_max, device=q.device).expand(len(rows), n_max)  # [Bd, N]
                 if index is not None:
                     index_keys, iq, iw = index
-                    page, offset = group.locate(rows, ids)
-                    scores = self.indexer.scores(iq[tokens], iw[tokens], index_keys[page, offset])  # [Bd, N]
+                    page, offset = group.locate(None if batch.all_decodes else rows, ids)
+                    scores = self.indexer.scores(by_token(iq), by_token(iw), index_keys[page, offset])  # [Bd, N]
                     scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
-                    prompt_lens = batch.prompt_len_tensor[rows]
+                    prompt_lens = by_row(batch.prompt_len_tensor)
                     hf_len = torch.where(pos < prompt_lens, prompt_lens // group.rate, visible)
                     ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)
                 else:
                     chosen = ids < visible[:, None]
-                page, offset = group.locate(rows, ids)
+                page, offset = group.locate(None if batch.all_decodes else rows, ids)
                 keys = torch.cat([keys, entries[page, offset]], dim=1)  # [Bd, W + K, hd]
                 valid = torch.cat([valid, chosen], dim=1)
-        scores = torch.matmul(q[tokens], keys.transpose(1, 2)) * self.scaling  # [Bd, H, n]
+        scores = torch.matmul(by_token(q), keys.transpose(1, 2)) * self.scaling  # [Bd, H, n]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         probs = softmax_with_sink(scores, self.attn_sink).to(keys.dtype)
         return torch.matmul(probs, keys)  # [Bd, H, hd]

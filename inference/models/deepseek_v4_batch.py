@@ -12,11 +12,13 @@ tensors: no host work per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from ..engine.context import ForwardContext
 from .deepseek_v4_cache import WINDOW, V4CacheLayout
+from .deepseek_v4_layers import RopeTable
 
 
 @dataclass
@@ -52,9 +54,9 @@ class GroupMeta:
     counts: list[int]  # [B] entries each sequence holds after this step
     emit: EmitMeta
 
-    def locate(self, seq_rows: torch.Tensor, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """seq_rows [..] batch rows, entries [.., n] entry ids -> (page, offset) [.., n]."""
-        tables = self.tables[seq_rows]  # [.., max_pages]
+    def locate(self, seq_rows: torch.Tensor | None, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """seq_rows [..] batch rows (None: every row, in order), entries [.., n] entry ids -> (page, offset) [.., n]."""
+        tables = self.tables if seq_rows is None else self.tables[seq_rows]  # [.., max_pages]
         page = tables.gather(-1, (entries // self.entries_per_page).clamp(max=tables.shape[-1] - 1))
         return page, entries % self.entries_per_page
 
@@ -84,12 +86,31 @@ class V4Batch:
     prompt_len_tensor: torch.Tensor  # [B]
     rings: dict[str, RingMeta]
     groups: dict[str, GroupMeta]
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """'main' / 'compress' -> cos, sin [T, rope_dim // 2] at the tokens' positions (set by the model)."""
+    rope: dict[str, RopeTable] = field(default_factory=dict)
+    """'main' / 'compress' -> the RopeTable at the tokens' positions (set by the model)."""
 
     @property
     def num_tokens(self) -> int:
         return self.offsets[-1]
+
+    @property
+    def all_decodes(self) -> bool:
+        """Every sequence feeds one token: batch rows and tokens coincide (no gathers needed)."""
+        return not self.prefills
+
+    def decode_row_values(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, ...] -> the decodes' rows [Bd, ...]."""
+        return t if self.all_decodes else t[self.decode_rows]
+
+    def decode_token_values(self, t: torch.Tensor) -> torch.Tensor:
+        """t [T, ...] -> the decodes' tokens [Bd, ...]."""
+        return t if self.all_decodes else t[self.decode_tokens]
+
+    @cached_property
+    def decode_window_valid(self) -> torch.Tensor:
+        """[Bd, W]: which window keys each decode sees (positions >= 0; its own token always)."""
+        read = self.decode_row_values(self.rings[WINDOW].read_valid)  # [Bd, W-1]
+        return torch.cat([read, read.new_ones(read.shape[0], 1)], dim=1)
 
     @classmethod
     def build(cls, layout: V4CacheLayout, positions: torch.Tensor, ctx: ForwardContext) -> V4Batch:

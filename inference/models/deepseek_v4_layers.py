@@ -60,14 +60,40 @@ class Rotary:
         return (freqs.cos() * scaling).to(dtype), (freqs.sin() * scaling).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x's trailing rope channels [..., d] in interleaved pairs; cos/sin broadcast to [..., r/2]."""
-    cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+class RopeTable:
+    """cos and sin at a step's positions, laid out for pair-wise rotation, built once per step.
+
+    V4 rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). With cos
+    repeated per pair and sin_alt = (-sin, +sin) per pair, that is x * cos + swap(x) * sin_alt,
+    the same products and sums transformers computes, in half the operations.
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        """cos, sin [N, rope_dim // 2] (Rotary.cos_sin)."""
+        sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)
+        self.cos = cos.repeat_interleave(2, dim=-1)  # [N, r]
+        self.sin_alt = (sin[..., None] * sign).flatten(-2)  # [N, r]
+        self.cos_heads, self.sin_alt_heads = self.cos[:, None], self.sin_alt[:, None]  # [N, 1, r]
+        self.inverse_sin_alt_heads = -self.sin_alt_heads  # rotates back: sin -> -sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_alt: torch.Tensor) -> torch.Tensor:
+    """Rotate x's trailing rope channels [..., d] in interleaved pairs (cos, sin_alt of a RopeTable)."""
     rope_dim = cos.shape[-1]
     nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    rotated_half = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
-    rotated = (rope.float() * cos + rotated_half.float() * sin).to(x.dtype)
+    swapped = rope.unflatten(-1, (rope_dim // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    if x.dtype == torch.float32:
+        rotated = rope * cos + swapped * sin_alt
+    else:  # transformers rotates in float32 with cos/sin rounded to the model's dtype
+        rotated = (rope.float() * cos + swapped.float() * sin_alt).to(x.dtype)
     return torch.cat([nope, rotated], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, ..., d] by cos, sin [N, rope_dim // 2] (Rotary.cos_sin) broadcast over the middle dims."""
+    table = RopeTable(cos, sin)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+    return rotate(x, table.cos.view(shape), table.sin_alt.view(shape))
 
 
 class Expert(nn.Module):
@@ -166,19 +192,30 @@ class HyperConnection(nn.Module):
             config.hc_eps,
             config.rms_norm_eps,
         )
+        self._scales: dict[int, torch.Tensor] = {}
+
+    def _expanded(self, scale: torch.Tensor) -> torch.Tensor:
+        """scale [3] -> [(2 + hc) * hc]: the pre, post and comb parts' scales, element by element."""
+        expanded = self._scales.get(scale.data_ptr())
+        if expanded is None:
+            hc = self.hc
+            counts = torch.tensor([hc, hc, hc * hc], device=scale.device)
+            expanded = self._scales[scale.data_ptr()] = scale.repeat_interleave(counts)
+        return expanded
 
     def forward(self, h: torch.Tensor, fn, base, scale):
         """h [T, hc, D] -> post [T, hc], comb [T, hc, hc] (float32), collapsed [T, D]."""
-        hc = self.hc
-        mix = F.linear(unweighted_rms_norm(h.flatten(1).float(), self.norm_eps), fn.float())  # [T, (2+hc)*hc]
-        pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
-        pre_b, post_b, comb_b = base.split([hc, hc, hc * hc])
-        pre = torch.sigmoid(pre_w * scale[0] + pre_b) + self.eps
-        post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
-        comb = torch.softmax(comb_w.view(-1, hc, hc) * scale[2] + comb_b.view(hc, hc), dim=-1) + self.eps
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
-        for _ in range(self.iters - 1):
-            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        hc, eps = self.hc, self.eps
+        # fn, base and scale are float32 (keeps_float32). One affine over all three parts: each
+        # element is scaled by its part's scale and offset by its base, as transformers does.
+        mix = F.linear(unweighted_rms_norm(h.flatten(1).float(), self.norm_eps), fn)  # [T, (2+hc)*hc]
+        mix = torch.addcmul(base, mix, self._expanded(scale))
+        gates = torch.sigmoid(mix[:, : 2 * hc])
+        pre, post = gates[:, :hc] + eps, 2 * gates[:, hc:]
+        comb = torch.softmax(mix[:, 2 * hc :].view(-1, hc, hc), dim=-1) + eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(self.iters - 1):  # Sinkhorn: rows, then columns, in place
+            comb.div_(comb.sum(dim=-1, keepdim=True).add_(eps))
+            comb.div_(comb.sum(dim=-2, keepdim=True).add_(eps))
         collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
         return post, comb, collapsed

@@ -40,7 +40,7 @@ class Qwen3MoeAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(tokens, self.num_heads, self.head_dim))  # [T, Hq, D]
         k = self.k_norm(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         out = paged_attention(q, k, v, cache, ctx, KV, self.scale, self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(tokens, -1))
 
@@ -130,7 +130,7 @@ class Qwen3MoeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, D] each
+        cos, sin = self.rotary.step_tables(positions, x.dtype)  # [T, 1, D] each
         for layer, cache in zip(self.model.layers, ctx.caches[KV], strict=True):
             x = layer(x, cos, sin, ctx, cache)
         return self.model.norm(x)

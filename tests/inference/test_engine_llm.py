@@ -3,6 +3,8 @@ stay what one request alone gives, a failing step or an abandoned stream harms n
 bad input is refused with an error that names the problem.
 """
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -116,6 +118,39 @@ def test_a_stream_closed_early_frees_its_place_in_the_batch(llm):
     stream.close()
     stats = wait_until_idle(llm)
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
+
+
+def test_the_engine_thread_loads_the_model_and_steps_it(llm):
+    """All of the model's work runs in the loop thread (see engine/loop.py for why it matters on a CPU)."""
+    threads = []
+    original = ModelRunner.execute
+
+    def execute(self, batch):
+        threads.append(threading.current_thread().name)
+        return original(self, batch)
+
+    ModelRunner.execute = execute
+    try:
+        llm.generate(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
+    finally:
+        ModelRunner.execute = original
+    assert set(threads) == {"citadel-engine"}
+    assert next(llm._loop.engine.runner.model.parameters()).device.type == "cpu"
+
+
+def test_an_llm_never_closed_lets_the_interpreter_exit_cleanly(checkpoint):
+    """A script that drops an LLM mid-stream, without close(), exits normally (the loop is closed at exit)."""
+    script = (
+        "from inference import LLM, SamplingParams\n"
+        f"llm = LLM({str(checkpoint)!r}, device='cpu')\n"
+        "stream = llm.stream('hello', SamplingParams(max_tokens=200, ignore_eos=True))\n"
+        "next(stream)\n"
+        "print('first token received', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first token received" in done.stdout
+    assert "terminate" not in done.stderr and "Fatal" not in done.stderr
 
 
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_serves_the_next_ones(llm, monkeypatch):
