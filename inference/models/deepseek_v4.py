@@ -66,16 +66,20 @@ class Block(nn.Module):
         self, h: torch.Tensor, input_ids: torch.Tensor, batch: V4Batch, rotary: Rotary
     ) -> torch.Tensor:
         """h [T, hc, D] -> [T, hc, D]."""
-        dtype = h.dtype
         post, comb, x = self.hc(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
         x = self.attn(self.attn_norm(x), batch, rotary)
-        # comb mixes the input streams transposed: out_k = sum_j comb[j, k] * h_j.
-        h = post.to(dtype).unsqueeze(-1) * x.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), h)
+        h = _merge(h, post, comb, x)
         post, comb, x = self.hc(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         x = self.ffn(self.ffn_norm(x), input_ids)
-        return post.to(dtype).unsqueeze(-1) * x.unsqueeze(-2) + torch.matmul(
-            comb.to(dtype).transpose(-1, -2), h
-        )
+        return _merge(h, post, comb, x)
+
+
+def _merge(h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Streams h [T, hc, D] after a sublayer's output x [T, D]: post_k * x + sum_j comb[j, k] * h_j."""
+    if h.dtype != torch.float32:
+        post, comb = post.to(h.dtype), comb.to(h.dtype)
+    # comb mixes the input streams transposed: out_k = sum_j comb[j, k] * h_j.
+    return post.unsqueeze(-1) * x.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), h)
 
 
 class CitadelDeepseekV4(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 
 from .deepseek_v4_batch import GroupMeta, V4Batch
 from .deepseek_v4_cache import GROUPS, WINDOW
-from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, rotate, unweighted_rms_norm
+from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweighted_rms_norm
 
 # Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
 SCORE_BUDGET = 1 << 24
@@ -123,9 +123,7 @@ class Indexer(nn.Module):
         self, x: torch.Tensor, q_residual: torch.Tensor, rope: RopeTable
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q [T, nh, ihd] float32 (roped), head weights [T, nh] float32."""
-        q = rotate(
-            self.wq_b(q_residual).view(x.shape[0], self.n_heads, self.dim), rope.cos_heads, rope.sin_alt_heads
-        )
+        q = rope.rotate(self.wq_b(q_residual).view(x.shape[0], self.n_heads, self.dim))
         weights = self.weights_proj(x).float() * self.n_heads**-0.5
         return q.float(), weights
 
@@ -179,8 +177,8 @@ class Attention(nn.Module):
         rope = batch.rope[self.rope_kind]
         q_residual = self.q_norm(self.wq_a(x))  # [T, q_lora]
         q = unweighted_rms_norm(self.wq_b(q_residual).view(T, H, hd), self.eps)
-        q = rotate(q, rope.cos_heads, rope.sin_alt_heads)  # [T, H, hd]
-        kv = rotate(self.norm(self.wkv(x)), rope.cos, rope.sin_alt)  # [T, hd]: keys and values alike
+        q = rope.rotate(q)  # [T, H, hd]
+        kv = rope.rotate(self.norm(self.wkv(x)))  # [T, hd]: keys and values alike
 
         ring = batch.rings[WINDOW]
         window = batch.caches[WINDOW][self.layer_id]  # [S, W, hd]
@@ -204,7 +202,7 @@ class Attention(nn.Module):
 
         window[ring.write_seq_slot, ring.write_ring] = kv[ring.write_token]
         # K = V carries RoPE on its rope channels: rotate the output back to the query's position.
-        out = rotate(out, rope.cos_heads, rope.inverse_sin_alt_heads)
+        out = rope.rotate(out, inverse=True)
         grouped = out.view(T, self.groups, -1).transpose(0, 1)  # [G, T, H*hd/G]
         w_a = self.wo_a.weight.view(self.groups, self.o_rank, -1).transpose(1, 2)  # [G, H*hd/G, o_rank]
         return self.wo_b(torch.bmm(grouped, w_a).transpose(0, 1).reshape(T, -1))

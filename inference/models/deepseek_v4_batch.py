@@ -34,14 +34,17 @@ class RingMeta:
 
 @dataclass
 class EmitMeta:
-    """The compressed entries one group emits in this step, and where their sources are."""
+    """The compressed entries one group emits in this step, and where their sources are.
+
+    Most decode steps close no window (one in `rate`): then count is 0 and the tensors are None.
+    """
 
     count: int  # E
-    src_index: torch.Tensor  # [E, n_src] rows of cat(ring reads [B*(R-1)], fresh [T])
-    src_valid: torch.Tensor  # [E, n_src] False for positions < 0 (the missing "Ca" half of entry 0)
-    positions: torch.Tensor  # [E] entry index * rate: where its RoPE rotates it
-    page: torch.Tensor  # [E] page it is written to
-    offset: torch.Tensor  # [E] entry within that page
+    src_index: torch.Tensor | None = None  # [E, n_src] rows of cat(ring reads [B*(R-1)], fresh [T])
+    src_valid: torch.Tensor | None = None  # [E, n_src] False for positions < 0 (the missing "Ca" half of entry 0)
+    positions: torch.Tensor | None = None  # [E] entry index * rate: where its RoPE rotates it
+    page: torch.Tensor | None = None  # [E] page it is written to
+    offset: torch.Tensor | None = None  # [E] entry within that page
 
 
 @dataclass
@@ -123,10 +126,19 @@ class V4Batch:
         seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)  # [T]
         host_positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - torch.tensor(offsets[:-1])[seq_of_token]
         decodes = [i for i, n in enumerate(lens) if n == 1]
+        every_token = torch.arange(offsets[-1], device=dev) if len(decodes) == len(lens) else None
 
         def ring(size: int) -> RingMeta:
             back = torch.arange(size - 1) - (size - 1)  # [R-1]
             read_pos = starts_t[:, None] + back  # [B, R-1]
+            if every_token is not None and size >= 2:  # decodes only: each writes its one token
+                return RingMeta(
+                    read_slot=(read_pos % size).to(dev),
+                    read_valid=(read_pos >= 0).to(dev),
+                    write_seq_slot=ctx.slots,
+                    write_ring=(starts_t % size).to(dev),
+                    write_token=every_token,
+                )
             ends = (starts_t + lens_t)[seq_of_token]  # [T]
             written = torch.nonzero(host_positions >= ends - (size - 1)).flatten()  # [Nw]
             return RingMeta(
@@ -167,6 +179,9 @@ class V4Batch:
 def _group_meta(starts_t, lens_t, offsets, rate, tables, per_page, ring_size, overlap) -> GroupMeta:
     """Entries emitted by this step (their source rows, RoPE positions, pages) and block tables."""
     dev = tables.device
+    counts = [(s + n) // rate for s, n in zip(starts_t.tolist(), lens_t.tolist(), strict=True)]
+    if all(c == s // rate for c, s in zip(counts, starts_t.tolist(), strict=True)):  # no window closes
+        return GroupMeta(rate=rate, entries_per_page=per_page, tables=tables, counts=counts, emit=EmitMeta(0))
     batch, n_src = len(starts_t), 2 * rate if overlap else rate
     first, last = starts_t // rate, (starts_t + lens_t) // rate  # entries [first, last) close in this step
     per_seq = last - first  # [B]
@@ -185,4 +200,4 @@ def _group_meta(starts_t, lens_t, offsets, rate, tables, per_page, ring_size, ov
         page=tables[seq.to(dev), (e // per_page).to(dev)],
         offset=(e % per_page).to(dev),
     )
-    return GroupMeta(rate=rate, entries_per_page=per_page, tables=tables, counts=last.tolist(), emit=emit)
+    return GroupMeta(rate=rate, entries_per_page=per_page, tables=tables, counts=counts, emit=emit)

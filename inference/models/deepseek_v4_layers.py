@@ -25,12 +25,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the fused kernel: the same arithmetic, fewer dispatches
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
+        return (self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps)
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
@@ -63,9 +66,11 @@ class Rotary:
 class RopeTable:
     """cos and sin at a step's positions, laid out for pair-wise rotation, built once per step.
 
-    V4 rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). With cos
-    repeated per pair and sin_alt = (-sin, +sin) per pair, that is x * cos + swap(x) * sin_alt,
-    the same products and sums transformers computes, in half the operations.
+    V4 rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) on the trailing
+    rope channels of a vector. With cos repeated per pair and sin_alt = (-sin, +sin) per pair,
+    that is x * cos + swap(x) * sin_alt: the same products and sums transformers computes. The
+    tables are padded to the vector's width with cos 1 and sin 0 on the channels RoPE leaves
+    alone, so a rotation is six whole-width operations (x * 1 + y * 0 is exactly x).
     """
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
@@ -73,27 +78,40 @@ class RopeTable:
         sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)
         self.cos = cos.repeat_interleave(2, dim=-1)  # [N, r]
         self.sin_alt = (sin[..., None] * sign).flatten(-2)  # [N, r]
-        self.cos_heads, self.sin_alt_heads = self.cos[:, None], self.sin_alt[:, None]  # [N, 1, r]
-        self.inverse_sin_alt_heads = -self.sin_alt_heads  # rotates back: sin -> -sin
+        self._tables: dict[tuple[int, bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, width: int, heads: bool = False, inverse: bool = False):
+        """(cos, sin_alt) padded to `width` channels, [N, width] or [N, 1, width] with `heads`."""
+        key = (width, heads, inverse)
+        found = self._tables.get(key)
+        if found is None:
+            pad = width - self.cos.shape[-1]
+            cos, sin_alt = F.pad(self.cos, (pad, 0), value=1.0), F.pad(self.sin_alt, (pad, 0), value=0.0)
+            if inverse:  # rotating back: sin -> -sin
+                sin_alt = -sin_alt
+            if heads:
+                cos, sin_alt = cos[:, None], sin_alt[:, None]
+            found = self._tables[key] = (cos, sin_alt)
+        return found
+
+    def rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x [N, d] or [N, heads, d] with its trailing rope channels rotated (inverse: rotated back)."""
+        cos, sin_alt = self.tables(x.shape[-1], x.dim() == 3, inverse)
+        return rotate(x, cos, sin_alt)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_alt: torch.Tensor) -> torch.Tensor:
-    """Rotate x's trailing rope channels [..., d] in interleaved pairs (cos, sin_alt of a RopeTable)."""
-    rope_dim = cos.shape[-1]
-    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    swapped = rope.unflatten(-1, (rope_dim // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    """x [..., d] rotated in interleaved pairs by cos, sin_alt [..., d] (RopeTable.tables)."""
+    swapped = x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
     if x.dtype == torch.float32:
-        rotated = rope * cos + swapped * sin_alt
-    else:  # transformers rotates in float32 with cos/sin rounded to the model's dtype
-        rotated = (rope.float() * cos + swapped.float() * sin_alt).to(x.dtype)
-    return torch.cat([nope, rotated], dim=-1)
+        return x * cos + swapped * sin_alt
+    # transformers rotates in float32 with cos/sin rounded to the model's dtype
+    return (x.float() * cos + swapped.float() * sin_alt).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, ..., d] by cos, sin [N, rope_dim // 2] (Rotary.cos_sin) broadcast over the middle dims."""
-    table = RopeTable(cos, sin)
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-    return rotate(x, table.cos.view(shape), table.sin_alt.view(shape))
+    """Rotate x [N, d] by cos, sin [N, rope_dim // 2] (Rotary.cos_sin) on its trailing rope channels."""
+    return RopeTable(cos, sin).rotate(x)
 
 
 class Expert(nn.Module):
@@ -208,14 +226,33 @@ class HyperConnection(nn.Module):
         hc, eps = self.hc, self.eps
         # fn, base and scale are float32 (keeps_float32). One affine over all three parts: each
         # element is scaled by its part's scale and offset by its base, as transformers does.
-        mix = F.linear(unweighted_rms_norm(h.flatten(1).float(), self.norm_eps), fn)  # [T, (2+hc)*hc]
+        flat = h.flatten(1)
+        mix = F.linear(unweighted_rms_norm(flat if flat.dtype == torch.float32 else flat.float(), self.norm_eps), fn)  # [T, (2+hc)*hc]
         mix = torch.addcmul(base, mix, self._expanded(scale))
         gates = torch.sigmoid(mix[:, : 2 * hc])
         pre, post = gates[:, :hc] + eps, 2 * gates[:, hc:]
-        comb = torch.softmax(mix[:, 2 * hc :].view(-1, hc, hc), dim=-1) + eps
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-        for _ in range(self.iters - 1):  # Sinkhorn: rows, then columns, in place
-            comb.div_(comb.sum(dim=-1, keepdim=True).add_(eps))
-            comb.div_(comb.sum(dim=-2, keepdim=True).add_(eps))
-        collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
-        return post, comb, collapsed
+        comb = sinkhorn_(torch.softmax(mix[:, 2 * hc :].view(-1, hc, hc), dim=-1) + eps, self.iters, eps)
+        collapsed = (pre.unsqueeze(-1) * h).sum(dim=1)
+        return post, comb, collapsed if h.dtype == torch.float32 else collapsed.to(h.dtype)
+
+
+def sinkhorn_(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Make comb [T, hc, hc] (positive, float32) near doubly stochastic, in place, as transformers does.
+
+    Columns are normalised, then rows and columns `iters - 1` more times, each divided by its
+    sum + eps. On a CPU the matrices are tiny (hc is 4) and the loop is some 40 operations per
+    hyper-connection, so it runs on a NumPy view of the same memory: one NumPy call costs a
+    fraction of a PyTorch dispatch, and the arithmetic (float32 sums and divisions) is the same.
+    """
+    if comb.device.type == "cpu" and not comb.requires_grad:
+        c = comb.numpy()
+        for axis in [-2] + [-1, -2] * (iters - 1):
+            total = c.sum(axis=axis, keepdims=True)
+            total += eps
+            c /= total
+        return comb
+    comb.div_(comb.sum(dim=-2, keepdim=True).add_(eps))
+    for _ in range(iters - 1):
+        comb.div_(comb.sum(dim=-1, keepdim=True).add_(eps))
+        comb.div_(comb.sum(dim=-2, keepdim=True).add_(eps))
+    return comb
