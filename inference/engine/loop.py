@@ -91,12 +91,15 @@ class EngineLoop:
         return stats
 
     def close(self, wait: bool = True) -> None:
-        """Stop the loop thread; requests still in flight receive EngineFailure."""
-        if self._closed:
-            return
-        self._closed = True
-        self._inbox.put(("close", None, None))
-        if wait:
+        """Stop the loop thread; requests still in flight receive EngineFailure.
+
+        With `wait`, return once the thread has ended, even if an earlier close() did not wait
+        (LLM.__del__ cannot: the interpreter must not exit while the thread still runs C++ code).
+        """
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(("close", None, None))
+        if wait and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     # -- the loop thread -----------------------------------------------------------------------

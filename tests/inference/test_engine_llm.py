@@ -138,15 +138,19 @@ def test_the_engine_thread_loads_the_model_and_steps_it(llm):
     assert next(llm._loop.engine.runner.model.parameters()).device.type == "cpu"
 
 
-def test_an_llm_never_closed_lets_the_interpreter_exit_cleanly(checkpoint):
-    """A script that drops an LLM mid-stream, without close(), exits normally (the loop is closed at exit)."""
-    script = (
-        "from inference import LLM, SamplingParams\n"
+@pytest.mark.parametrize("dropped", ["at exit", "before exit"])
+def test_an_llm_never_closed_lets_the_interpreter_exit_cleanly(checkpoint, dropped):
+    """A script that never calls close() exits normally, whether the LLM is still referenced at exit
+    (the loop is closed then) or was garbage-collected mid-stream before (its loop is joined at exit)."""
+    body = (
         f"llm = LLM({str(checkpoint)!r}, device='cpu')\n"
         "stream = llm.stream('hello', SamplingParams(max_tokens=200, ignore_eos=True))\n"
         "next(stream)\n"
         "print('first token received', flush=True)\n"
     )
+    if dropped == "before exit":
+        body = "def run():\n" + "".join(f"    {line}\n" for line in body.splitlines()) + "run()\n"
+    script = "from inference import LLM, SamplingParams\n" + body
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "first token received" in done.stdout
