@@ -1,13 +1,40 @@
-"""Writing audit records. Callers pass who, what and how it went; the request adds where from.
+"""Writing the audit log: chained appends, signed checkpoints, retention purges and legal holds.
 
-If the record cannot be written the exception propagates, so the action it describes fails
-with it (fail closed, DESIGN.md).
+Callers pass who, what and how it went; the request adds where from. Each append takes the
+chain lock inside its transaction (PostgreSQL: a transaction-level advisory lock; SQLite: the
+database's write lock), reads the head, numbers and hashes the record and inserts it, so the
+chain never forks across threads and processes and sequence numbers have no gaps. The lock is
+held until the caller's transaction ends; callers audit as their last write.
+
+If the record cannot be written, audit_record raises AuditUnavailable (HTTP 503) and the
+transaction of the action it describes rolls back with it (fail closed, DESIGN.md).
 """
 
+import ipaddress
+import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from citadel.audit.models import AuditRecord
+from django.db import DatabaseError, connections, router, transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.ipv6 import clean_ipv6_address
+
+from citadel.audit import chain
+from citadel.audit.models import AuditCheckpoint, AuditPurge, AuditRecord, LegalHold
+from citadel.core.exceptions import AuditUnavailable, Conflict, InvalidRequest, NotFound
 from citadel.core.net import client_address
+
+logger = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key of the chain: the ASCII of "citadel" as a number.
+CHAIN_LOCK_KEY = int.from_bytes(b"citadel", "big")
+# The PostgreSQL setting (transaction-local) under which the guard trigger lets a purge delete
+# records below its value; see migration 0004 and audit_purge.
+PURGE_SETTING = "citadel.audit_purge"
+
+_TEXT_LIMITS = {name: AuditRecord._meta.get_field(name).max_length for name in (
+    "actor_type", "actor_id", "actor_label", "action", "target_type", "target_id", "outcome", "request_id")}
 
 
 @dataclass(frozen=True)
@@ -40,6 +67,52 @@ class Actor:
         return cls.for_user(getattr(request, "user", None))
 
 
+def _db_alias() -> str:
+    return router.db_for_write(AuditRecord)
+
+
+def chain_lock(cursor, vendor: str) -> None:
+    """Serialise chain writers until this transaction ends. Must run inside a transaction."""
+    if vendor == "postgresql":
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CHAIN_LOCK_KEY])
+    else:
+        # SQLite has one writer at a time: a write as the transaction's first statement takes the
+        # write lock now (like BEGIN IMMEDIATE), so the head read next cannot go stale.
+        cursor.execute(f"UPDATE {AuditRecord._meta.db_table} SET sequence = sequence WHERE 1 = 0")
+
+
+def _chain_head(cursor) -> tuple[int, str]:
+    """(sequence, record_hash) of the newest record, or where the chain continues after a purge."""
+    cursor.execute(f"SELECT sequence, record_hash FROM {AuditRecord._meta.db_table} ORDER BY sequence DESC LIMIT 1")
+    head = cursor.fetchone()
+    if head is not None:
+        return int(head[0]), head[1]
+    purge = AuditPurge.objects.order_by("-boundary_sequence", "-id").first()
+    if purge is not None:
+        return purge.boundary_sequence - 1, purge.boundary_prev_hash
+    return 0, chain.GENESIS_HASH
+
+
+def _address(value, cursor, vendor: str) -> str | None:
+    """The source address exactly as the database will give it back (it is hashed), or None."""
+    if not value:
+        return None
+    try:
+        address = ipaddress.ip_address(str(value).strip())
+    except ValueError:
+        return None
+    if address.version == 4:
+        return str(address)
+    if vendor == "postgresql":
+        cursor.execute("SELECT host(%s::inet)", [str(address)])
+        return cursor.fetchone()[0]
+    return clean_ipv6_address(str(address))
+
+
+def _text(name: str, value) -> str:
+    return chain.clean_text(str(value or ""))[:_TEXT_LIMITS[name]]
+
+
 def audit_record(
     *,
     actor: Actor,
@@ -52,18 +125,173 @@ def audit_record(
     source_address: str | None = None,
     details: dict | None = None,
 ) -> AuditRecord:
+    """Append one record to the chain; raises AuditUnavailable when it cannot be written."""
     if request is not None:
         request_id = request_id or getattr(request, "request_id", "")
         source_address = source_address or client_address(request)
-    return AuditRecord.objects.create(
-        actor_type=actor.type,
-        actor_id=actor.id,
-        actor_label=actor.label,
-        action=action,
-        outcome=outcome,
-        target_type=target_type,
-        target_id=str(target_id),
-        request_id=request_id,
-        source_address=source_address,
-        details=details or {},
+    record = AuditRecord(
+        actor_type=_text("actor_type", actor.type), actor_id=_text("actor_id", actor.id),
+        actor_label=_text("actor_label", actor.label), action=_text("action", action),
+        outcome=_text("outcome", outcome), target_type=_text("target_type", target_type),
+        target_id=_text("target_id", target_id), request_id=_text("request_id", request_id),
+        details=chain.clean_details(details or {}),
     )
+    alias = _db_alias()
+    connection = connections[alias]
+    try:
+        with transaction.atomic(using=alias), connection.cursor() as cursor:
+            chain_lock(cursor, connection.vendor)
+            head_sequence, head_hash = _chain_head(cursor)
+            record.source_address = _address(source_address, cursor, connection.vendor)
+            record.sequence, record.prev_hash = head_sequence + 1, head_hash
+            record.created_at = timezone.now()
+            record.record_hash = chain.record_hash(record.__dict__)
+            record.save(force_insert=True, using=alias)
+    except DatabaseError as error:
+        logger.error("audit record %s could not be written: %s", action, error)
+        raise AuditUnavailable("The audit log cannot be written, so this action was refused. "
+                               "Try again later; operators: check the database.") from error
+    return record
+
+
+def checkpoint_payload(*, sequence: int, record_hash: str, created_at: datetime | str) -> dict:
+    """What a checkpoint's signature covers (canonical JSON of this object)."""
+    if isinstance(created_at, datetime):
+        created_at = chain.format_time(created_at)
+    return {"type": chain.CHECKPOINT_TYPE, "sequence": int(sequence), "record_hash": record_hash,
+            "created_at": created_at}
+
+
+def checkpoint_create(*, force: bool = False) -> AuditCheckpoint | None:
+    """Sign the chain's head; None when the log is empty or the head is already signed (unless force)."""
+    from citadel.audit.signing import sign
+
+    head = AuditRecord.objects.order_by("-sequence").values("sequence", "record_hash").first()
+    if head is None:
+        return None
+    last = AuditCheckpoint.objects.order_by("-sequence", "-id").first()
+    if last is not None and last.sequence == head["sequence"] and not force:
+        return None
+    created_at = timezone.now()
+    key_id, public_key, signature = sign(checkpoint_payload(created_at=created_at, **head))
+    return AuditCheckpoint.objects.create(created_at=created_at, key_id=key_id, public_key=public_key,
+                                          signature=signature, **head)
+
+
+def purge_payload(purge: AuditPurge) -> dict:
+    """What a purge manifest's signature covers."""
+    return {
+        "type": chain.PURGE_TYPE, "created_at": chain.format_time(purge.created_at),
+        "cutoff": chain.format_time(purge.cutoff), "boundary_sequence": int(purge.boundary_sequence),
+        "boundary_prev_hash": purge.boundary_prev_hash, "deleted_count": int(purge.deleted_count),
+        "retained": [[int(sequence), record_hash] for sequence, record_hash in purge.retained],
+    }
+
+
+def _held() -> Q | None:
+    """Records matched by an active legal hold, as one filter; None when nothing is held."""
+    matches = None
+    for hold in LegalHold.objects.filter(released_at__isnull=True):
+        criteria = Q(sequence__isnull=False)  # a hold with no criteria holds everything
+        for name in ("actor_id", "target_type", "target_id", "request_id"):
+            if getattr(hold, name):
+                criteria &= Q(**{name: getattr(hold, name)})
+        if hold.since:
+            criteria &= Q(created_at__gte=hold.since)
+        if hold.until:
+            criteria &= Q(created_at__lt=hold.until)
+        matches = criteria if matches is None else matches | criteria
+    return matches
+
+
+def _previous_boundary_hash(boundary: int) -> str:
+    """prev_hash at `boundary` when its predecessor is already gone: an earlier purge at the same boundary."""
+    previous = AuditPurge.objects.filter(boundary_sequence=boundary).order_by("-id").first()
+    assert previous is not None, "the chain verified, so the record before the boundary exists or was purged"
+    return previous.boundary_prev_hash
+
+
+def audit_purge(*, older_than_days: int, actor: Actor, now: datetime | None = None) -> AuditPurge | None:
+    """Delete records older than `older_than_days` that no legal hold covers; None when none qualify.
+
+    The chain must verify first (a purge must not launder tampering). The purge then signs a
+    manifest of where the kept chain starts (the boundary and its prev_hash) and which held
+    records remain below it, audits itself and deletes the rest through the guard trigger's purge
+    switch, all in one transaction. Verification afterwards starts at the boundary (verification.py).
+    """
+    from citadel.audit.signing import sign
+    from citadel.audit.verification import chain_verify
+
+    if older_than_days < 1:
+        raise InvalidRequest("older_than_days must be at least 1.", param="older_than_days")
+    cutoff = (now or timezone.now()) - timedelta(days=older_than_days)
+    alias = _db_alias()
+    connection = connections[alias]
+    with transaction.atomic(using=alias):
+        with connection.cursor() as cursor:
+            chain_lock(cursor, connection.vendor)
+            head_sequence, _ = _chain_head(cursor)
+        verified = chain_verify()
+        if not verified.ok:
+            raise Conflict(f"The audit chain does not verify ({verified.summary()}); nothing was purged. "
+                           "Investigate with `citadel audit verify`.")
+        first_kept = (AuditRecord.objects.filter(created_at__gte=cutoff).order_by("sequence")
+                      .values_list("sequence", flat=True).first())
+        boundary = first_kept if first_kept is not None else head_sequence + 1
+        below = AuditRecord.objects.filter(sequence__lt=boundary)
+        held = _held()
+        doomed = below.exclude(held) if held is not None else below
+        if boundary <= 1 or not doomed.exists():
+            return None
+        retained = list(below.filter(held).values_list("sequence", "record_hash")) if held is not None else []
+        boundary_prev_hash = AuditRecord.objects.filter(sequence=boundary - 1).values_list("record_hash", flat=True)
+        boundary_prev_hash = boundary_prev_hash.first() or _previous_boundary_hash(boundary)
+        doomed_count = doomed.count()
+        # Audited first, so the chain goes on at or after the boundary even when every older record goes.
+        audit_record(actor=actor, action="audit.purge", outcome="success", target_type="audit_log",
+                     details={"cutoff": chain.format_time(cutoff), "older_than_days": older_than_days,
+                              "boundary_sequence": boundary, "deleted": doomed_count, "retained": len(retained)})
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SELECT set_config(%s, %s, true)", [PURGE_SETTING, str(boundary)])
+            deleted, _ = doomed.delete()
+            if connection.vendor == "postgresql":
+                cursor.execute("SELECT set_config(%s, '', true)", [PURGE_SETTING])
+        assert deleted == doomed_count, "the chain lock keeps the purged range still"
+        purge = AuditPurge(cutoff=cutoff, boundary_sequence=boundary, boundary_prev_hash=boundary_prev_hash,
+                           deleted_count=deleted, retained=[[s, h] for s, h in retained])
+        purge.key_id, purge.public_key, purge.signature = sign(purge_payload(purge))
+        purge.save()
+    return purge
+
+
+def legal_hold_create(*, reason: str, actor: Actor, actor_id: str = "", target_type: str = "",
+                      target_id: str = "", request_id: str = "", since: datetime | None = None,
+                      until: datetime | None = None) -> LegalHold:
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidRequest("A legal hold needs a reason (e.g. the matter or case number).", param="reason")
+    with transaction.atomic():
+        hold = LegalHold.objects.create(reason=reason, created_by=actor.label or actor.id, actor_id=actor_id,
+                                        target_type=target_type, target_id=target_id, request_id=request_id,
+                                        since=since, until=until)
+        audit_record(actor=actor, action="audit.legal_hold.create", outcome="success", target_type="legal_hold",
+                     target_id=str(hold.pk),
+                     details={"reason": reason, "actor_id": actor_id, "target_type": target_type,
+                              "target_id": target_id, "request_id": request_id,
+                              "since": since and chain.format_time(since), "until": until and chain.format_time(until)})
+    return hold
+
+
+def legal_hold_release(*, hold_id: int, actor: Actor) -> LegalHold:
+    with transaction.atomic():
+        hold = LegalHold.objects.select_for_update().filter(pk=hold_id).first()
+        if hold is None:
+            raise NotFound(f"No legal hold with id {hold_id}.")
+        if hold.released_at is not None:
+            raise Conflict(f"Legal hold {hold_id} was already released.")
+        hold.released_at, hold.released_by = timezone.now(), actor.label or actor.id
+        hold.save(update_fields=["released_at", "released_by"])
+        audit_record(actor=actor, action="audit.legal_hold.release", outcome="success", target_type="legal_hold",
+                     target_id=str(hold.pk), details={"reason": hold.reason})
+    return hold

@@ -51,6 +51,12 @@ class ServiceUnavailable(CitadelError):
     error_type = "service_unavailable"
 
 
+class AuditUnavailable(ServiceUnavailable):
+    """The audit record could not be written, so the action it describes is refused (fail closed)."""
+
+    code = "audit_unavailable"
+
+
 class UpstreamError(CitadelError):
     """The worker failed while running the job."""
 

@@ -10,6 +10,11 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CSRF_TRUSTED_ORIGINS comma-separated origins
     CITADEL_WORKER_STALE_SECONDS  a worker whose heartbeat is older is treated as gone (30)
     CITADEL_REQUEST_TIMEOUT_SECONDS  how long an API request waits for its job (300)
+    CITADEL_AUDIT_SIGNING_KEY  Ed25519 private key signing audit checkpoints (PEM, or base64 from
+                         `citadel audit keygen`); required in production, kept in the data dir otherwise
+    CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS  comma-separated older public keys still trusted after a rotation
+    CITADEL_AUDIT_CHECKPOINT_SECONDS  how often beat signs the audit chain's head (300)
+    CITADEL_AUDIT_RETENTION_DAYS  purge audit records older than this, except legal holds (0: keep all)
 """
 
 from pathlib import Path
@@ -154,6 +159,12 @@ CITADEL_REQUEST_TIMEOUT_SECONDS = env.int("CITADEL_REQUEST_TIMEOUT_SECONDS", def
 CITADEL_STREAM_POLL_SECONDS = env.float("CITADEL_STREAM_POLL_SECONDS", default=0.02)
 # Addresses of reverse proxies whose X-Forwarded-For is believed for the audit's source address.
 CITADEL_TRUSTED_PROXIES = env.list("CITADEL_TRUSTED_PROXIES", default=[])
+# The audit log's signing key (platform/citadel/audit/signing.py); local and test settings name a
+# file in the data dir instead, made on first use; production requires the key.
+CITADEL_AUDIT_SIGNING_KEY = env.str("CITADEL_AUDIT_SIGNING_KEY", default="")
+CITADEL_AUDIT_SIGNING_KEY_FILE = None
+CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS = env.list("CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS", default=[])
+CITADEL_AUDIT_RETENTION_DAYS = env.int("CITADEL_AUDIT_RETENTION_DAYS", default=0)
 
 from citadel.settings.celery import *  # noqa: E402,F403
 from citadel.settings.logging import *  # noqa: E402,F403

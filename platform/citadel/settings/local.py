@@ -19,3 +19,4 @@ def _local_secret_key() -> str:
 
 
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or _local_secret_key()
+CITADEL_AUDIT_SIGNING_KEY_FILE = DATA_DIR / "audit_signing_key"  # used when CITADEL_AUDIT_SIGNING_KEY is unset

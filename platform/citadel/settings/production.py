@@ -4,6 +4,7 @@ from citadel.settings.base import *  # noqa: F403
 from citadel.settings.base import env
 
 SECRET_KEY = env.str("DJANGO_SECRET_KEY")
+CITADEL_AUDIT_SIGNING_KEY = env.str("CITADEL_AUDIT_SIGNING_KEY")  # `citadel audit keygen` makes one
 DEBUG = False
 
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)

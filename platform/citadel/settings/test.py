@@ -9,7 +9,7 @@ import socket
 import tempfile
 
 from citadel.settings.base import *  # noqa: F403
-from citadel.settings.base import DATABASES, env
+from citadel.settings.base import DATA_DIR, DATABASES, env
 
 SECRET_KEY = "test-only-not-secret"  # noqa: S105 - the test settings never serve real users
 
@@ -33,6 +33,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed; tests only
 CITADEL_WORKER_STALE_SECONDS = 10
+CITADEL_AUDIT_SIGNING_KEY_FILE = DATA_DIR / "audit_signing_key"  # used when CITADEL_AUDIT_SIGNING_KEY is unset
 STATIC_ROOT = None  # the tests serve static files from the apps (WHITENOISE_USE_FINDERS)
 # In-process transport: unit tests that dispatch need no broker; e2e processes get Redis via the env.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="memory://")

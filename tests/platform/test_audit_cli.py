@@ -1,0 +1,187 @@
+"""`citadel audit verify|export|...`, and the documented outside verification of an export."""
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from citadel.audit import chain
+from citadel.audit.models import AuditRecord, LegalHold
+from citadel.audit.services import Actor, audit_record, checkpoint_create
+from citadel.audit.signing import public_key_b64
+from tests.conftest import require
+
+pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parents[2]
+VERIFYING = ROOT / "platform" / "citadel" / "audit" / "VERIFYING.md"
+
+
+def append_some():
+    for i in range(3):
+        audit_record(actor=Actor("user", "1", "alice"), action="api_key.create", outcome="success",
+                     target_type="api_key", target_id=f"k{i}", details={"name": f"key {i}", "ünï": "cödé"},
+                     source_address="10.0.0.7")
+    audit_record(actor=Actor("anonymous", "", "bob"), action="user.login", outcome="failure",
+                 details={"ratio": 0.1})
+    checkpoint_create()
+
+
+def run(*args) -> str:
+    out = io.StringIO()
+    call_command("audit", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+@pytest.fixture
+def outside_verifier(tmp_path):
+    """The Python snippet from VERIFYING.md, as an auditor would save it."""
+    code = re.search(r"```python\n(.*?)```", VERIFYING.read_text(), re.S).group(1)
+    path = tmp_path / "verify_audit.py"
+    path.write_text(code)
+    return path
+
+
+def test_verify_says_ok_for_an_intact_log():
+    append_some()
+    assert run("verify").startswith("OK: 4 records")
+
+
+def test_verify_exits_1_naming_the_sequence_of_a_tampered_row():
+    require(connection.vendor == "postgresql", "PostgreSQL on 127.0.0.1:5432")
+    append_some()
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE audit_auditrecord DISABLE TRIGGER USER")
+        cursor.execute("UPDATE audit_auditrecord SET actor_label = 'mallory' WHERE sequence = 2")
+        cursor.execute("ALTER TABLE audit_auditrecord ENABLE TRIGGER USER")
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("audit", "verify", stdout=io.StringIO(), stderr=err)
+    assert exited.value.code == 1
+    assert err.getvalue().startswith("FAILED at sequence 2: hash_mismatch")
+
+
+def test_verify_with_another_public_key_rejects_the_checkpoints(tmp_path):
+    append_some()
+    stranger = base64.b64encode(bytes(range(32))).decode()
+    err = io.StringIO()
+    with pytest.raises(SystemExit):
+        call_command("audit", "verify", "--public-key", stranger, stdout=io.StringIO(), stderr=err)
+    assert "untrusted_key" in err.getvalue()
+    assert run("verify", "--public-key", public_key_b64()).startswith("OK")
+
+
+def test_the_public_key_command_prints_pem_and_base64():
+    out = run("public-key")
+    assert "-----BEGIN PUBLIC KEY-----" in out and f"base64: {public_key_b64()}" in out
+
+
+def test_a_jsonl_export_verifies_with_the_documented_snippet_and_tampering_fails_it(tmp_path, outside_verifier):
+    append_some()
+    path = tmp_path / "audit.jsonl"
+    run("export", "--format", "jsonl", "--out", str(path))
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert lines[0]["type"] == "header" and lines[0]["public_keys"][0]["public_key"] == public_key_b64()
+    kinds = [line["type"] for line in lines]
+    assert kinds.count("record") == 5 and kinds.count("checkpoint") == 1  # the export audited itself first
+    assert lines[kinds.index("record") + 4]["action"] == "audit.export"
+
+    verify = [sys.executable, str(outside_verifier), str(path), public_key_b64()]
+    done = subprocess.run(verify, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
+
+    tampered = [dict(line) for line in lines]
+    tampered[2]["details"] = {**tampered[2]["details"], "name": "changed"}
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in tampered), encoding="utf-8")
+    done = subprocess.run(verify, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout.startswith(f"FAILED at sequence {tampered[2]['sequence']}")
+
+    forged = [dict(line) for line in lines]
+    checkpoint = next(line for line in forged if line["type"] == "checkpoint")
+    checkpoint["signature"] = checkpoint["signature"][:10] + ("A" if checkpoint["signature"][10] != "A" else "B") + \
+        checkpoint["signature"][11:]
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in forged), encoding="utf-8")
+    done = subprocess.run(verify, capture_output=True, text=True)
+    assert done.returncode == 1 and "bad signature" in done.stdout
+
+
+def test_a_csv_export_carries_hashes_that_recompute_from_its_columns(tmp_path):
+    append_some()
+    path = tmp_path / "audit.csv"
+    run("export", "--format", "csv", "--out", str(path))
+    rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
+    records = [row for row in rows if row["kind"] == "record"]
+    assert len(records) == 5 and {row["kind"] for row in rows} == {"public_key", "record", "checkpoint"}
+    for row in records:
+        body = {name: row[name] for name in chain.FIELDS}
+        body.update(sequence=int(row["sequence"]), details=json.loads(row["details"]),
+                    source_address=row["source_address"] or None)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        assert hashlib.sha256(canonical).hexdigest() == row["record_hash"]
+
+
+def test_an_export_filters_by_action_actor_and_outcome_and_is_audited_with_its_filters():
+    append_some()
+    out = run("export", "--action", "api_key.*", "--actor", "alice")
+    records = [json.loads(line) for line in out.splitlines() if '"type": "record"' in line]
+    assert [r["target_id"] for r in records] == ["k0", "k1", "k2"]
+    out = run("export", "--outcome", "failure")
+    assert [json.loads(line)["action"] for line in out.splitlines() if '"type": "record"' in line] == ["user.login"]
+    exports = AuditRecord.objects.filter(action="audit.export").order_by("sequence")
+    assert exports[0].details["filters"] == {"action": "api_key.*", "actor": "alice"}
+    assert exports[0].actor_label.startswith("cli (")
+
+
+def test_an_export_by_time_uses_since_and_until():
+    append_some()
+    records = list(AuditRecord.objects.order_by("sequence"))
+    out = run("export", "--since", records[1].created_at.isoformat(), "--until", records[3].created_at.isoformat())
+    assert [json.loads(line)["sequence"] for line in out.splitlines() if '"type": "record"' in line] == [2, 3]
+
+
+def test_checkpoint_purge_and_hold_commands():
+    append_some()
+    assert "Nothing to sign" in run("checkpoint")
+    assert run("checkpoint", "--force").startswith("Signed record 4")
+    assert "placed" in run("hold", "add", "--reason", "matter 7", "--target-id", "k1")
+    hold = LegalHold.objects.get()
+    assert f"{hold.pk}\tactive\tmatter 7\ttarget_id=k1" in run("hold", "list")
+    assert run("purge", "--older-than-days", "30") == "Nothing to purge.\n"
+    assert "released" in run("hold", "release", str(hold.pk))
+    assert AuditRecord.objects.filter(action__startswith="audit.legal_hold").count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_citadel_audit_verify_exits_0_then_1_in_a_separate_process(cli_env):
+    require(connection.vendor == "postgresql", "PostgreSQL on 127.0.0.1:5432")
+    append_some()
+    verify = [sys.executable, "-m", "citadel.cli", "audit", "verify"]
+    cli_env["CITADEL_AUDIT_SIGNING_KEY"] = _signing_key_text()  # the same key as this process
+    done = subprocess.run(verify, env=cli_env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE audit_auditrecord DISABLE TRIGGER USER")
+        cursor.execute("DELETE FROM audit_auditrecord WHERE sequence = 3")
+        cursor.execute("ALTER TABLE audit_auditrecord ENABLE TRIGGER USER")
+    done = subprocess.run(verify, env=cli_env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "FAILED at sequence 3: missing_sequence" in done.stderr
+
+
+def _signing_key_text() -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    from citadel.audit.signing import signing_key
+
+    raw = signing_key().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                      serialization.NoEncryption())
+    return base64.b64encode(raw).decode()
