@@ -71,6 +71,8 @@ def live_stack(django_db_setup, django_db_blocker, tiny_checkpoint, tmp_path_fac
     from citadel.audit.services import Actor
     from citadel.registry.models import Worker
     from citadel.registry.services import deployment_create, model_register, pool_create
+    from citadel.residency.models import DataClass
+    from citadel.residency.services import policy_create
     from tests import live_stack as ls
 
     require(connection.vendor == "postgresql", "PostgreSQL on 127.0.0.1:5432")
@@ -82,8 +84,11 @@ def live_stack(django_db_setup, django_db_blocker, tiny_checkpoint, tmp_path_fac
     with django_db_blocker.unblock():
         get_user_model().objects.create_user("e2e-admin", password="e2e-admin-password-123", is_staff=True)
         model = model_register(name="tiny", path=str(tiny_checkpoint), actor=Actor.system())
-        deployment_create(model=model, pool=pool_create(name=pool, site="site-a", actor=Actor.system()),
-                          actor=Actor.system(), engine_settings={"device": "cpu"})
+        pool_row = pool_create(name=pool, site="site-a", actor=Actor.system())
+        deployment_create(model=model, pool=pool_row, actor=Actor.system(), engine_settings={"device": "cpu"})
+        # Residency denies what no policy allows: keys without a team may send internal data to site-a.
+        policy_create(team=None, data_class=DataClass.objects.get(name="internal"), actor=Actor.system(),
+                      processing_sites=[pool_row.site], storage_sites=[pool_row.site], prompt_retention="full")
     created = subprocess.run([sys.executable, "-m", "citadel.cli", "keys", "create", "--user", "e2e-admin",
                               "--name", "e2e"], env=env, capture_output=True, text=True, check=True)
     stack, processes = ls.launch(env=env, pool=pool, api_key=created.stdout.strip().splitlines()[-1], logs=logs)

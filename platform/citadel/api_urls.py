@@ -6,4 +6,5 @@ urlpatterns = [
     path("", include("citadel.registry.urls")),
     path("", include("citadel.accounts.urls")),
     path("", include("citadel.jobs.urls")),
+    path("", include("citadel.residency.urls")),
 ]

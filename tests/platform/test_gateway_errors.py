@@ -12,6 +12,8 @@ from citadel.audit.models import AuditRecord
 from citadel.audit.services import Actor
 from citadel.jobs.models import InferenceJob
 from citadel.registry.services import deployment_create, model_register, pool_create
+from citadel.residency.models import DataClass
+from citadel.residency.services import policy_create
 
 pytestmark = pytest.mark.django_db
 
@@ -27,6 +29,9 @@ def deployed_model(tiny_checkpoint):
     model = model_register(name="tiny", path=str(tiny_checkpoint), actor=Actor.system())
     pool = pool_create(name="gpu-a", site="site-a", actor=Actor.system())
     deployment_create(model=model, pool=pool, actor=Actor.system())
+    # Residency denies by default: the test key (no team, internal) may use site-a.
+    policy_create(team=None, data_class=DataClass.objects.get(name="internal"), processing_sites=[pool.site],
+                  actor=Actor.system())
     return model
 
 

@@ -1,4 +1,4 @@
-"""Writes for accounts: API keys and the first admin account."""
+"""Writes for accounts: teams, API keys and the first admin account."""
 
 import hashlib
 import hmac
@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from citadel.accounts.models import ApiKey
+from citadel.accounts.models import ApiKey, Team
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 
@@ -32,16 +32,40 @@ class CreatedKey:
 
 
 @transaction.atomic
-def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None = None, request=None) -> CreatedKey:
+def team_create(*, name: str, actor: Actor, description: str = "", members=(), request=None) -> Team:
+    from django.utils.text import slugify
+
+    if not name or slugify(name) != name:
+        raise InvalidRequest(f"name {name!r} must be a slug: lower-case letters, digits, '-' and '_'.", param="name")
+    if Team.objects.filter(name=name).exists():
+        raise Conflict(f"A team named '{name}' already exists.", param="name")
+    team = Team.objects.create(name=name, description=description)
+    team.members.set(members)
+    audit_record(actor=actor, action="team.create", outcome="success", target_type="team", target_id=name,
+                 request=request, details={"members": sorted(u.get_username() for u in members)})
+    return team
+
+
+@transaction.atomic
+def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None = None, team: Team | None = None,
+                   data_class=None, request=None) -> CreatedKey:
+    """A new key for `user`, of `team` (the user must be a member) and `data_class` (default internal):
+    together they pick the residency policy of every request made with it."""
+    from citadel.residency.models import DEFAULT_DATA_CLASS, DataClass
+
     name = (name or "").strip()
     if not name:
         raise InvalidRequest("name must not be empty: give the key a name that says what uses it.", param="name")
+    if team is not None and not team.members.filter(pk=user.pk).exists():
+        raise InvalidRequest(f"{user.get_username()} is not a member of team '{team.name}'.", param="team")
+    data_class = data_class or DataClass.objects.get(name=DEFAULT_DATA_CLASS)
     if expires_in_days is not None and expires_in_days <= 0:
         raise InvalidRequest("expires_in_days must be a positive number of days.", param="expires_in_days")
     prefix = secrets.token_hex(4)
     key = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
     expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
-    api_key = ApiKey.objects.create(user=user, name=name, prefix=prefix, digest=_digest(key), expires_at=expires_at)
+    api_key = ApiKey.objects.create(user=user, name=name, prefix=prefix, digest=_digest(key), expires_at=expires_at,
+                                    team=team, data_class=data_class)
     audit_record(
         actor=actor,
         action="api_key.create",
@@ -49,7 +73,8 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
         target_type="api_key",
         target_id=prefix,
         request=request,
-        details={"name": name, "user": user.get_username(), "expires_at": expires_at and expires_at.isoformat()},
+        details={"name": name, "user": user.get_username(), "expires_at": expires_at and expires_at.isoformat(),
+                 "team": team.name if team else None, "data_class": data_class.name},
     )
     return CreatedKey(api_key=api_key, key=key)
 
@@ -73,7 +98,7 @@ def api_key_authenticate(*, key: str, source_address: str | None = None) -> ApiK
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME:
         raise AuthenticationFailed("Incorrect API key provided. Create one with `citadel keys create`.")
-    api_key = ApiKey.objects.select_related("user").filter(prefix=parts[1]).first()
+    api_key = ApiKey.objects.select_related("user", "team", "data_class").filter(prefix=parts[1]).first()
     if api_key is None or not hmac.compare_digest(api_key.digest, _digest(key)):
         raise AuthenticationFailed("Incorrect API key provided. Create one with `citadel keys create`.")
     if api_key.revoked_at is not None:

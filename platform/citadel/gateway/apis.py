@@ -1,7 +1,9 @@
 """The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions.
 
 Authenticated by API key only (Bearer); errors come back in OpenAI's error shape through the
-project's one exception handler.
+project's one exception handler. Where a request may run is the residency policy's call
+(citadel.residency.services.decide, through job_submit): the key's team and data class, which
+the `X-Citadel-Data-Class` header may raise but never lower.
 """
 
 from django.http import StreamingHttpResponse
@@ -19,6 +21,7 @@ from citadel.jobs.models import InferenceJob
 from citadel.jobs.selectors import job_wait
 from citadel.jobs.services import job_error, job_submit
 from citadel.registry.selectors import models_deployed
+from citadel.residency.services import request_subject
 
 
 class OpenAIApi(APIView):
@@ -48,7 +51,7 @@ def run_job(request, data, *, kind: str):
     api_key = request.auth if hasattr(request.auth, "prefix") else None
     job = job_submit(model_name=data.validated_data["model"], kind=kind, payload=data.payload(),
                      stream=data.validated_data["stream"], actor=Actor.for_request(request), request=request,
-                     user=request.user, api_key=api_key)
+                     user=request.user, api_key=api_key, subject=request_subject(request))
     if data.validated_data["stream"]:
         response = StreamingHttpResponse(job_event_stream(job, include_usage=data.include_usage),
                                          content_type="text/event-stream")
@@ -69,7 +72,8 @@ def inference_request(request, serializer_class, *, kind: str, data=None):
         data.is_valid(raise_exception=True)
         return run_job(request, data, kind=kind)
     except (CitadelError, ValidationError, ParseError) as error:
-        if not isinstance(error, ServiceUnavailable):  # job_submit audits what it refuses itself
+        # job_submit audits what it refuses itself (no worker, or denied by residency policy)
+        if not isinstance(error, ServiceUnavailable) and not getattr(error, "audited", False):
             model = body.get("model") if isinstance(body, dict) else None
             audit_record(actor=Actor.for_request(request), action=f"inference.{kind}", outcome="failure",
                          target_type="model", target_id=str(model or "")[:200], request=request,

@@ -3,6 +3,9 @@
 A job row is written before anything is dispatched, so a lost message is visible (the job
 stays queued) and a redelivered one finds the job no longer queued and does nothing.
 Streamed tokens are appended as chunk rows that the web process reads back in order.
+Each job records whose policy admitted it (team, data class, the site it ran at) and how much of
+its prompt that policy keeps once the job is over (citadel.residency.prompts); the record of
+processing activities is built from these columns.
 When a request asks for log-probabilities, the job and each chunk also hold them, one entry per
 token (see citadel.jobs.logprobs for the shape).
 """
@@ -36,6 +39,15 @@ class InferenceJob(models.Model):
     pool = models.ForeignKey(WorkerPool, on_delete=models.PROTECT, null=True, blank=True, related_name="jobs")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True)
     api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.PROTECT, null=True, blank=True)
+    team = models.ForeignKey("accounts.Team", on_delete=models.PROTECT, null=True, blank=True, related_name="jobs")
+    data_class = models.ForeignKey("residency.DataClass", on_delete=models.PROTECT, null=True, blank=True,
+                                   related_name="jobs")
+    site = models.ForeignKey("residency.Site", on_delete=models.PROTECT, null=True, blank=True, related_name="jobs",
+                             help_text="Where the job was sent to run (its pool's site then).")
+    prompt_retention = models.CharField(max_length=16, blank=True,
+                                        help_text="What the policy keeps of the prompt when the job ends.")
+    prompt_kept_until = models.DateTimeField(null=True, blank=True,
+                                             help_text="When what was kept of the prompt is to be removed.")
     request_id = models.CharField(max_length=128, blank=True, db_index=True)
     stream = models.BooleanField(default=False)
     payload = models.JSONField(help_text="Messages or prompt and sampling settings, as the worker needs them.")

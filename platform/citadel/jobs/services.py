@@ -16,6 +16,8 @@ from citadel.core.exceptions import CitadelError, ServiceUnavailable
 from citadel.jobs.models import InferenceChunk, InferenceJob
 from citadel.registry.models import Deployment
 from citadel.registry.selectors import deployments_active_for_model, model_get, workers_live
+from citadel.residency.prompts import retained_payload
+from citadel.residency.services import ResidencyDenied, Subject, decide
 
 logger = logging.getLogger(__name__)
 
@@ -27,33 +29,52 @@ def _deployment_with_live_worker(deployments) -> Deployment | None:
     return None
 
 
-def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor: Actor, request=None,
-               user=None, api_key=None) -> InferenceJob:
-    """Record the job, then hand its id to a live pool that serves the model.
+def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor: Actor, subject: Subject,
+               request=None, user=None, api_key=None) -> InferenceJob:
+    """Record the job, then hand its id to a live pool that serves the model and that the residency
+    policy of `subject` (team and data class) allows.
 
-    Raises NotFound for an unknown model and ServiceUnavailable when nothing can run it; in
-    the second case the job row stays behind as failed, so no request is silently dropped.
+    Raises NotFound for an unknown model; ResidencyDenied (403) when the policy allows none of the
+    model's pools, audited as denied with the decision and with no job row, since nothing runs; and
+    ServiceUnavailable when no allowed pool has a live worker, the job row then staying behind as
+    failed, so no request is silently dropped.
     """
     model = model_get(name=model_name)
     deployments = list(deployments_active_for_model(model=model))
-    deployment = _deployment_with_live_worker(deployments)
+    decision = decide(team=subject.team, data_class=subject.data_class, model=model, purpose="inference")
+    residency = {**decision.details(), "key_data_class": subject.key_class.name}
+    if deployments and not decision.allowed:
+        audit_record(actor=actor, action=f"inference.{kind}", outcome="denied", target_type="model",
+                     target_id=model.name, request=request, details={"stream": stream, "residency": residency})
+        error = ResidencyDenied(decision.reason)
+        error.audited = True
+        raise error
+    allowed = {pool.pk for pool in decision.pools}
+    candidates = sorted((d for d in deployments if d.pool_id in allowed), key=lambda d: d.pool_id != decision.pool.pk) \
+        if decision.allowed else []
+    deployment = _deployment_with_live_worker(candidates)
     request_id = getattr(request, "request_id", "")
+    days = decision.policy.retention_days if decision.policy else None
     with transaction.atomic():
         job = InferenceJob.objects.create(
             kind=kind, model=model, deployment=deployment, pool=deployment.pool if deployment else None,
             user=user, api_key=api_key, request_id=request_id, stream=stream, payload=payload,
+            team=subject.team, data_class=subject.data_class, site=deployment.pool.site if deployment else None,
+            prompt_retention=decision.prompt_retention,
+            prompt_kept_until=timezone.now() + timedelta(days=days) if days is not None else None,
         )
         if deployment is None:
-            where = ", ".join(d.pool.name for d in deployments)
-            message = (f"No worker is serving model '{model.name}': its pools ({where}) have no live worker. "
-                       "Start one with `citadel worker --pool POOL`." if deployments else
-                       f"Model '{model.name}' is not deployed on any worker pool. Deploy it first.")
+            where = ", ".join(d.pool.name for d in candidates)
+            message = (f"No worker is serving model '{model.name}' where its residency policy allows: the allowed "
+                       f"pools ({where}) have no live worker. Start one with `citadel worker --pool POOL`."
+                       if candidates else f"Model '{model.name}' is not deployed on any worker pool. Deploy it first.")
             _fail(job, code="no_worker", message=message)
         audit_record(
             actor=actor, action=f"inference.{kind}", outcome="success" if deployment else "failure",
             target_type="model", target_id=model.name, request=request,
             details={"job": str(job.id), "pool": deployment.pool.name if deployment else None,
-                     "stream": stream, **({"error": job.error_message} if deployment is None else {})},
+                     "stream": stream, "residency": residency,
+                     **({"error": job.error_message} if deployment is None else {})},
         )
         if deployment is not None:
             # Only a committed job is handed to the broker, so a worker always finds its row.
@@ -106,7 +127,8 @@ def jobs_redispatch_queued(*, older_than: timedelta, max_dispatches: int) -> int
 def _fail(job: InferenceJob, *, code: str, message: str) -> None:
     job.status, job.error_code, job.error_message = InferenceJob.Status.FAILED, code, message
     job.finished_at = timezone.now()
-    job.save(update_fields=["status", "error_code", "error_message", "finished_at"])
+    job.payload = retained_payload(job.payload, job.prompt_retention)  # the job is over: keep what the policy keeps
+    job.save(update_fields=["status", "error_code", "error_message", "finished_at", "payload"])
 
 
 @transaction.atomic
@@ -133,6 +155,7 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
     updated = InferenceJob.objects.filter(pk=job.pk, status=InferenceJob.Status.RUNNING).update(
         status=InferenceJob.Status.SUCCEEDED, text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens, logprobs=logprobs, finished_at=timezone.now(),
+        payload=retained_payload(job.payload, job.prompt_retention),
     )
     if updated:
         audit_record(actor=Actor.system(job.worker_name), action=f"inference.{job.kind}.complete",
@@ -152,6 +175,18 @@ def job_fail(*, job_id, code: str, message: str, actor: Actor) -> bool:
                  target_id=job.model.name, request_id=job.request_id,
                  details={"job": str(job.id), "error_code": code, "error": message[:1000]})
     return True
+
+
+def jobs_prompts_purge(*, now=None) -> int:
+    """Remove what was kept of the prompts of finished jobs whose retention days are over."""
+    now = now or timezone.now()
+    expired = InferenceJob.objects.filter(prompt_kept_until__lt=now, status__in=InferenceJob.TERMINAL)
+    count = 0
+    for job in expired.only("pk", "payload"):
+        InferenceJob.objects.filter(pk=job.pk).update(payload=retained_payload(job.payload, "none"),
+                                                      prompt_kept_until=None)
+        count += 1
+    return count
 
 
 def job_error(job: InferenceJob) -> CitadelError:

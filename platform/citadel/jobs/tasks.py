@@ -12,7 +12,14 @@ from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's 
 from citadel.jobs.engines import engines
 from citadel.jobs.logprobs import TokenTexts, event_entries
 from citadel.jobs.models import InferenceJob
-from citadel.jobs.services import job_append_chunk, job_claim, job_fail, job_succeed, jobs_redispatch_queued
+from citadel.jobs.services import (
+    job_append_chunk,
+    job_claim,
+    job_fail,
+    job_succeed,
+    jobs_prompts_purge,
+    jobs_redispatch_queued,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +122,9 @@ def run_inference(self, job_id: str) -> None:
 def redispatch_queued() -> int:
     """Beat: recover jobs whose broker message was lost (see jobs_redispatch_queued)."""
     return jobs_redispatch_queued(older_than=timedelta(seconds=30), max_dispatches=5)
+
+
+@shared_task(name="citadel.jobs.prompts_purge", soft_time_limit=300, time_limit=360, ignore_result=True)
+def prompts_purge() -> int:
+    """Beat: remove kept prompts whose policy's retention days are over (see jobs_prompts_purge)."""
+    return jobs_prompts_purge()

@@ -20,15 +20,20 @@ class StaffWrites(permissions.BasePermission):
 
 
 class ModelOutput(serializers.ModelSerializer):
+    teams = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
+
     class Meta:
         model = Model
-        fields = ["name", "path", "family", "description", "created_at"]
+        fields = ["name", "path", "family", "description", "teams", "created_at"]
 
 
 class PoolOutput(serializers.ModelSerializer):
+    site = serializers.CharField(source="site.name")
+    jurisdiction = serializers.CharField(source="site.jurisdiction")
+
     class Meta:
         model = WorkerPool
-        fields = ["name", "site", "description", "queue", "created_at"]
+        fields = ["name", "site", "jurisdiction", "description", "queue", "created_at"]
 
 
 class DeploymentOutput(serializers.ModelSerializer):
@@ -58,7 +63,7 @@ class ModelListCreateApi(APIView):
 
     @extend_schema(responses=ModelOutput(many=True))
     def get(self, request):
-        return Response(ModelOutput(Model.objects.all(), many=True).data)
+        return Response(ModelOutput(Model.objects.prefetch_related("teams"), many=True).data)
 
     @extend_schema(request=ModelRegisterInput, responses={201: ModelOutput})
     def post(self, request):
@@ -68,17 +73,43 @@ class ModelListCreateApi(APIView):
         return Response(ModelOutput(model).data, status=status.HTTP_201_CREATED)
 
 
+class ModelTeamsApi(APIView):
+    """PUT the teams that use a model; deployments must then suit their residency policies."""
+
+    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+
+    class ModelTeamsInput(serializers.Serializer):
+        teams = serializers.ListField(child=serializers.CharField(), allow_empty=True)
+
+    @extend_schema(request=ModelTeamsInput, responses=ModelOutput)
+    def put(self, request, name: str):
+        from citadel.accounts.models import Team
+
+        data = self.ModelTeamsInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        names = data.validated_data["teams"]
+        teams = list(Team.objects.filter(name__in=names))
+        missing = sorted(set(names) - {t.name for t in teams})
+        if missing:
+            raise NotFound(f"No team named {', '.join(missing)}.", param="teams")
+        model = services.model_teams_set(model=model_get(name=name), teams=teams, actor=Actor.for_request(request),
+                                         request=request)
+        return Response(ModelOutput(model).data)
+
+
 class PoolListCreateApi(APIView):
     permission_classes = [permissions.IsAuthenticated, StaffWrites]
 
     class PoolCreateInput(serializers.Serializer):
         name = serializers.CharField(max_length=64)
-        site = serializers.CharField(max_length=100, default="local")
+        site = serializers.CharField(max_length=100, default="local",
+                                     help_text="The site's name; an unknown one is created with jurisdiction "
+                                               "'unspecified'.")
         description = serializers.CharField(required=False, allow_blank=True, default="")
 
     @extend_schema(responses=PoolOutput(many=True))
     def get(self, request):
-        return Response(PoolOutput(WorkerPool.objects.all(), many=True).data)
+        return Response(PoolOutput(WorkerPool.objects.select_related("site"), many=True).data)
 
     @extend_schema(request=PoolCreateInput, responses={201: PoolOutput})
     def post(self, request):

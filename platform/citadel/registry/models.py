@@ -12,6 +12,10 @@ class Model(models.Model):
     path = models.CharField(max_length=500, help_text="Checkpoint folder on the worker hosts.")
     family = models.CharField(max_length=64, blank=True, help_text="config.json's model_type.")
     description = models.TextField(blank=True)
+    teams = models.ManyToManyField(
+        "accounts.Team", blank=True, related_name="models",
+        help_text="Teams that use this model: it may be deployed only at sites where their policies allow "
+                  "processing their keys' data classes (citadel.residency).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -25,7 +29,8 @@ class WorkerPool(models.Model):
     """GPU workers at one site that consume one queue."""
 
     name = models.SlugField(max_length=64, unique=True)
-    site = models.CharField(max_length=100, default="local")
+    site = models.ForeignKey("residency.Site", on_delete=models.PROTECT, related_name="pools",
+                             help_text="Where the pool's hardware is; residency policies allow or refuse it.")
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -1,4 +1,8 @@
-"""Writes for the registry: register models, create pools, deploy, worker heartbeats."""
+"""Writes for the registry: register models, create pools, deploy, worker heartbeats.
+
+A deployment is refused where the teams that use the model (Model.teams) may not process their
+data (citadel.residency.services.deployment_check); the refusal is audited.
+"""
 
 import json
 from pathlib import Path
@@ -10,6 +14,8 @@ from django.utils.text import slugify
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import Conflict, InvalidRequest
 from citadel.registry.models import Deployment, Model, Worker, WorkerPool
+from citadel.residency.models import Site
+from citadel.residency.services import deployment_check, deployment_refusal, site_get_or_create
 
 
 def _checkpoint_family(path: Path) -> str:
@@ -42,27 +48,66 @@ def model_register(*, name: str, path: str, actor: Actor, description: str = "",
 
 
 @transaction.atomic
-def pool_create(*, name: str, site: str, actor: Actor, description: str = "", request=None) -> WorkerPool:
+def pool_create(*, name: str, site: str | Site, actor: Actor, description: str = "", request=None) -> WorkerPool:
+    """A pool at `site` (a Site or its name; an unknown name makes a site of unspecified
+    jurisdiction, which only a policy naming it allows)."""
     if not name or slugify(name) != name:
         raise InvalidRequest(f"name {name!r} must be a slug: lower-case letters, digits, '-' and '_'.", param="name")
     if WorkerPool.objects.filter(name=name).exists():
         raise Conflict(f"A worker pool named '{name}' already exists.", param="name")
+    if not isinstance(site, Site):
+        if not (site or "").strip():
+            raise InvalidRequest("site must name the site the pool's hardware is at.", param="site")
+        site = site_get_or_create(name=site, actor=actor, request=request)
     pool = WorkerPool.objects.create(name=name, site=site, description=description)
     audit_record(actor=actor, action="pool.create", outcome="success", target_type="pool",
-                 target_id=name, request=request, details={"site": site})
+                 target_id=name, request=request, details={"site": site.name, "jurisdiction": site.jurisdiction})
     return pool
 
 
-@transaction.atomic
 def deployment_create(*, model: Model, pool: WorkerPool, actor: Actor, engine_settings: dict | None = None,
                       request=None) -> Deployment:
+    refusal = deployment_refusal(model=model, pool=pool)
+    if refusal is not None:  # audited outside the transaction that would roll it back with the refusal
+        audit_record(actor=actor, action="deployment.create", outcome="denied", target_type="model",
+                     target_id=model.name, request=request,
+                     details={"model": model.name, "pool": pool.name, "site": pool.site.name,
+                              "jurisdiction": pool.site.jurisdiction, "reason": refusal.message})
+        refusal.audited = True
+        raise refusal
+    return _deployment_create(model=model, pool=pool, actor=actor, engine_settings=engine_settings, request=request)
+
+
+@transaction.atomic
+def _deployment_create(*, model: Model, pool: WorkerPool, actor: Actor, engine_settings: dict | None,
+                       request) -> Deployment:
     if Deployment.objects.filter(model=model, pool=pool, status=Deployment.Status.ACTIVE).exists():
         raise Conflict(f"'{model.name}' is already deployed on pool '{pool.name}'.")
     deployment = Deployment.objects.create(model=model, pool=pool, engine_settings=engine_settings or {})
     audit_record(actor=actor, action="deployment.create", outcome="success", target_type="deployment",
                  target_id=str(deployment.pk), request=request,
-                 details={"model": model.name, "pool": pool.name, "engine_settings": deployment.engine_settings})
+                 details={"model": model.name, "pool": pool.name, "site": pool.site.name,
+                          "engine_settings": deployment.engine_settings})
     return deployment
+
+
+@transaction.atomic
+def model_teams_set(*, model: Model, teams: list, actor: Actor, request=None) -> Model:
+    """Declare which teams use `model`; refused while an active deployment sits where one of them
+    may not process its data."""
+    before = sorted(model.teams.values_list("name", flat=True))
+    model.teams.set(teams)
+    problems = []
+    for deployment in Deployment.objects.filter(model=model, status=Deployment.Status.ACTIVE).select_related(
+            "pool__site"):
+        problems += [f"pool '{deployment.pool.name}' at site '{deployment.pool.site.name}': {p}"
+                     for p in deployment_check(model=model, pool=deployment.pool)]
+    if problems:  # raising rolls the new teams back with the transaction
+        raise InvalidRequest(f"Model '{model.name}' is deployed where these teams may not process their data: "
+                             + "; ".join(problems) + ". Retire those deployments first.", param="teams")
+    audit_record(actor=actor, action="model.teams.set", outcome="success", target_type="model", target_id=model.name,
+                 request=request, details={"before": before, "after": sorted(t.name for t in teams)})
+    return model
 
 
 @transaction.atomic

@@ -44,6 +44,7 @@ INSTALLED_APPS = [
     "citadel.core",
     "citadel.audit",
     "citadel.accounts",
+    "citadel.residency",
     "citadel.registry",
     "citadel.jobs",
     "citadel.gateway",

@@ -6,10 +6,11 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from citadel.accounts.models import ApiKey
+from citadel.accounts.models import ApiKey, Team
 from citadel.accounts.services import api_key_create, api_key_get, api_key_revoke
 from citadel.audit.services import Actor
 from citadel.core.exceptions import CitadelError
+from citadel.residency.services import data_class_get
 
 
 class Command(BaseCommand):
@@ -21,6 +22,8 @@ class Command(BaseCommand):
         create.add_argument("--user", required=True, help="Username that owns the key.")
         create.add_argument("--name", required=True, help="What the key is for, e.g. 'billing-app'.")
         create.add_argument("--expires-in-days", type=int, default=None)
+        create.add_argument("--team", default=None, help="Team whose residency policies govern the key.")
+        create.add_argument("--data-class", default="internal", help="Class of the data sent with the key.")
         sub.add_parser("list", help="List keys (prefixes only).")
         revoke = sub.add_parser("revoke", help="Revoke a key by its prefix.")
         revoke.add_argument("prefix")
@@ -32,8 +35,14 @@ class Command(BaseCommand):
                 user = get_user_model().objects.filter(username=options["user"]).first()
                 if user is None:
                     raise CommandError(f"No user named {options['user']!r}: create it first (citadel createsuperuser).")
+                team = None
+                if options["team"]:
+                    team = Team.objects.filter(name=options["team"]).first()
+                    if team is None:
+                        raise CommandError(f"No team named {options['team']!r}.")
                 created = api_key_create(user=user, name=options["name"], actor=actor,
-                                         expires_in_days=options["expires_in_days"])
+                                         expires_in_days=options["expires_in_days"], team=team,
+                                         data_class=data_class_get(name=options["data_class"]))
                 self.stdout.write(f"Created API key {created.api_key.prefix} for {user.get_username()}; "
                                   "store it now, it is not shown again:")
                 self.stdout.write(created.key)

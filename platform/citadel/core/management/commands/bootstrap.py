@@ -1,7 +1,9 @@
 """`citadel bootstrap`: what a first `make run` needs, done once and never twice.
 
 Creates the admin account (password generated, printed once, kept in the data dir with mode
-0600), the `local` worker pool, and registers and deploys the bundled demo model.
+0600), the `local` worker pool at the `local` site, a residency policy that lets keys without a
+team process public and internal data there (keeping prompts' metadata only; residency denies
+what no policy allows), and registers and deploys the bundled demo model.
 """
 
 from pathlib import Path
@@ -13,6 +15,8 @@ from citadel.accounts.services import admin_bootstrap
 from citadel.audit.services import Actor
 from citadel.registry.models import Deployment, Model, WorkerPool
 from citadel.registry.services import deployment_create, model_register, pool_create
+from citadel.residency.models import DataClass, Policy
+from citadel.residency.services import policy_create
 
 DEMO_MODEL_NAME = "citadel-demo"
 LOCAL_POOL = "local"
@@ -48,6 +52,13 @@ class Command(BaseCommand):
                 f"(shown once; also kept in {password_file}, readable only by you)"))
         pool = WorkerPool.objects.filter(name=LOCAL_POOL).first() or pool_create(
             name=LOCAL_POOL, site="local", actor=actor, description="The workers started by `make run`.")
+        for data_class in DataClass.objects.filter(name__in=["public", "internal"]):
+            if not Policy.objects.filter(team=None, data_class=data_class).exists():
+                policy_create(team=None, data_class=data_class, actor=actor, processing_sites=[pool.site],
+                              storage_sites=[pool.site], prompt_retention=Policy.Retention.METADATA,
+                              description="Made by `citadel bootstrap` for the local demo.")
+                self.stdout.write(f"Allowed '{data_class.name}' data of keys without a team at site "
+                                  f"'{pool.site.name}'")
         model = Model.objects.filter(name=DEMO_MODEL_NAME).first()
         if model is None:
             path = demo_checkpoint()

@@ -15,16 +15,18 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         create = sub.add_parser("create")
         create.add_argument("name")
-        create.add_argument("--site", default="local")
+        create.add_argument("--site", default="local",
+                            help="The site's name; an unknown one is created with jurisdiction 'unspecified'.")
         sub.add_parser("list")
 
     def handle(self, *args, action, **options):
         if action == "list":
-            for pool in WorkerPool.objects.all():
-                self.stdout.write(f"{pool.name}\t{pool.site}\t{pool.queue}")
+            for pool in WorkerPool.objects.select_related("site"):
+                self.stdout.write(f"{pool.name}\t{pool.site.name}\t{pool.site.jurisdiction}\t{pool.queue}")
             return
         try:
             pool = pool_create(name=options["name"], site=options["site"], actor=Actor.system("cli"))
         except CitadelError as error:
             raise CommandError(error.message) from error
-        self.stdout.write(f"Created pool {pool.name} at site {pool.site} (queue {pool.queue})")
+        self.stdout.write(f"Created pool {pool.name} at site {pool.site.name} ({pool.site.jurisdiction}) "
+                          f"(queue {pool.queue})")
