@@ -269,6 +269,19 @@ def test_kept_prompts_are_removed_when_their_days_are_over(world):
     assert "messages" not in job.payload and job.prompt_kept_until is None
 
 
+def test_files_are_stored_only_at_a_site_the_policy_allows_for_storage_and_that_has_storage(world):
+    from citadel.residency.services import storage_site_for
+
+    with pytest.raises(ResidencyDenied, match="may not be stored anywhere"):
+        storage_site_for(team=world.team, data_class=dc("internal"))
+    policy = policy_create(team=world.team, data_class=dc("internal"), processing_sites=[world.eu],
+                           storage_jurisdictions=["US"], actor=SYSTEM)
+    with pytest.raises(ResidencyDenied, match=r"allows storage only at jurisdictions US, and none of those sites \(us-1\) has a storage path"):
+        storage_site_for(team=world.team, data_class=dc("internal"))
+    policy.storage_sites.set([world.eu])
+    assert storage_site_for(team=world.team, data_class=dc("internal")) == world.eu
+
+
 # -- deployments ------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -320,6 +333,7 @@ def test_the_dry_run_says_whether_and_where_a_request_would_run_without_running_
     body = response.json()
     assert body["allowed"] is True and body["pool"] == "gpu-eu" and body["site"] == "eu-1"
     assert body["jurisdiction"] == "EU" and body["storage_sites"] == ["eu-1"] and body["team"] == "clinic"
+    assert body["storage_site"] == "eu-1"
     refused = post("/api/v1/residency/dry-run", {"model": "m", "data_class": "restricted"}, world.key).json()
     assert refused["allowed"] is False and refused["pool"] is None and "'restricted'" in refused["reason"]
     tuning = post("/api/v1/residency/dry-run", {"model": "m", "purpose": "fine_tuning"}, world.key).json()

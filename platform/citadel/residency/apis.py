@@ -229,6 +229,7 @@ class DryRunApi(APIView):
         policy = serializers.IntegerField(allow_null=True)
         allowed_pools = serializers.ListField(child=serializers.CharField())
         storage_sites = serializers.ListField(child=serializers.CharField())
+        storage_site = serializers.CharField(allow_null=True, help_text="Where a file would be stored.")
         prompt_retention = serializers.CharField(allow_null=True)
 
     @extend_schema(request=DryRunInput, responses=DryRunOutput)
@@ -243,11 +244,15 @@ class DryRunApi(APIView):
                                    purpose=data.validated_data["purpose"])
         details = decision.details()
         stored = [s.name for s in services.storage_sites(decision.policy)] if decision.policy else []
+        try:
+            storage_site = services.storage_site_for(team=subject.team, data_class=subject.data_class).name
+        except services.ResidencyDenied:
+            storage_site = None
         return Response({
             "allowed": decision.allowed, "pool": details["pool"], "site": details["site"],
             "jurisdiction": details["jurisdiction"], "reason": decision.reason, "team": details["team"],
             "data_class": subject.data_class.name, "policy": details["policy"],
-            "allowed_pools": details["allowed_pools"], "storage_sites": stored,
+            "allowed_pools": details["allowed_pools"], "storage_sites": stored, "storage_site": storage_site,
             "prompt_retention": details["prompt_retention"],
         })
 

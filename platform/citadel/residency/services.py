@@ -114,6 +114,25 @@ def storage_sites(policy: Policy) -> list[Site]:
             if site_allowed(site=site, sites=policy.storage_sites.all(), jurisdictions=policy.storage_jurisdictions)]
 
 
+def storage_site_for(*, team, data_class: DataClass) -> Site:
+    """Where a file of `team` in `data_class` is to be stored: the first site (by name) that the
+    policy allows for storage and that has a storage path. Raises ResidencyDenied saying why when
+    there is none; the caller (an upload) audits the refusal with its own action."""
+    who = f"team '{team.name}'" if team is not None else "keys without a team"
+    policy = policy_for(team=team, data_class=data_class)
+    if policy is None:
+        raise ResidencyDenied(f"No residency policy covers {who} and data class '{data_class.name}', so such "
+                              "data may not be stored anywhere.")
+    allowed = storage_sites(policy)
+    usable = [site for site in allowed if site.storage_path]
+    if not usable:
+        where = _where(list(policy.storage_sites.all()), policy.storage_jurisdictions)
+        missing = f", and none of those sites ({', '.join(s.name for s in allowed)}) has a storage path" if allowed else ""
+        raise ResidencyDenied(f"Policy #{policy.pk} ({who}, data class '{data_class.name}') allows storage only "
+                              f"at {where}{missing}.")
+    return usable[0]
+
+
 def _where(sites, jurisdictions) -> str:
     parts = []
     if sites:
