@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.test import Client
 
 from citadel.accounts.models import ApiKey
@@ -447,6 +448,30 @@ def test_a_key_carries_its_team_and_data_class(world):
     assert refused.status_code == 400 and refused.json()["field"] == "team"
     default = client.post("/api/v1/keys/", {"name": "k2"}, content_type="application/json").json()
     assert default["team"] is None and default["data_class"] == "internal"
+
+
+def test_the_keys_command_makes_a_key_of_a_team_and_class_and_lists_them(world):
+    from io import StringIO
+
+    out = StringIO()
+    call_command("keys", "create", "--user", "alice", "--name", "cli", "--team", "clinic",
+                 "--data-class", "restricted", stdout=out)
+    key = ApiKey.objects.get(name="cli")
+    assert key.team == world.team and key.data_class.name == "restricted"
+    listing = StringIO()
+    call_command("keys", "list", stdout=listing)
+    assert f"{key.prefix}\tcli\talice\tactive\tclinic\trestricted" in listing.getvalue()
+    with pytest.raises(CommandError, match="unknown data class 'secret'"):
+        call_command("keys", "create", "--user", "alice", "--name", "x", "--data-class", "secret")
+
+
+def test_a_console_user_in_several_teams_is_refused_since_it_is_unclear_whose_policy_applies(world):
+    other = team_create(name="research", members=[world.alice], actor=SYSTEM)
+    assert other.members.count() == 1
+    client = Client()
+    client.force_login(world.alice)
+    response = client.post("/api/v1/residency/dry-run", {"model": "m"}, content_type="application/json")
+    assert response.status_code == 403 and "several teams (clinic, research)" in response.json()["detail"]
 
 
 def test_bootstrap_allows_keys_without_a_team_to_use_the_local_pool(tmp_path, settings, monkeypatch):

@@ -47,9 +47,11 @@ class Command(BaseCommand):
                                   "store it now, it is not shown again:")
                 self.stdout.write(created.key)
             elif action == "list":
-                for key in ApiKey.objects.select_related("user"):
+                for key in ApiKey.objects.select_related("user", "team", "data_class"):
                     state = "revoked" if key.revoked_at else ("active" if key.is_active else "expired")
-                    self.stdout.write(f"{key.prefix}\t{key.name}\t{key.user.get_username()}\t{state}")
+                    team = key.team.name if key.team else "-"
+                    self.stdout.write(f"{key.prefix}\t{key.name}\t{key.user.get_username()}\t{state}\t{team}\t"
+                                      f"{key.data_class.name}")
             elif action == "revoke":
                 api_key_revoke(api_key=api_key_get(prefix=options["prefix"]), actor=actor)
                 self.stdout.write(f"Revoked {options['prefix']}")
