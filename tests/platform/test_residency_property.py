@@ -1,7 +1,8 @@
 """Property-based (hypothesis): for random sites, pools, deployments, policies and requests,
 decide() never offers or picks a pool outside the policy, denies exactly when the policy allows
 none of the model's pools, and through the API every request is dispatched only to an allowed
-pool and every denial is audited.
+pool and every denial is audited; and a deployment is refused exactly when a team that uses the
+model may not process one of its active keys' data classes at the pool's site.
 
 The expected answer is computed here independently of the service, from the generated
 scenario: a pool is allowed when it serves the model and its site is named by the policy or has
@@ -149,4 +150,58 @@ def test_through_the_api_requests_go_only_to_allowed_pools_and_every_denial_is_a
                 assert response.status_code == 503 and not dispatched.exists()
         else:  # deployed nowhere: not a residency question
             assert response.status_code == 503 and not dispatched.exists()
+        transaction.set_rollback(True)
+
+
+@st.composite
+def placements(draw):
+    """Teams (declared users of the model or not) with keys of some classes and policies, and
+    the site a deployment would go to."""
+    site = draw(st.sampled_from(JURISDICTIONS))
+    teams = []
+    for _ in range(draw(st.integers(0, 3))):
+        classes = sorted(draw(st.sets(st.sampled_from(CLASSES), max_size=3)))
+        policies = {c: {"by_name": draw(st.booleans()),
+                        "jurisdictions": sorted(draw(st.sets(st.sampled_from(JURISDICTIONS[:-1]), max_size=2)))}
+                    for c in CLASSES if draw(MOSTLY)}
+        teams.append({"uses_model": draw(MOSTLY), "key_classes": classes, "policies": policies,
+                      "revoked": draw(st.booleans())})
+    return {"site": site, "teams": teams}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(placement=placements())
+def test_a_deployment_is_refused_exactly_when_a_team_using_the_model_may_not_process_a_keys_class_there(
+        placement, model_path):
+    from citadel.accounts.services import api_key_revoke
+    from citadel.residency.services import deployment_check
+
+    with transaction.atomic():
+        site = site_create(name="target", jurisdiction=placement["site"], actor=SYSTEM)
+        pool = pool_create(name="p", site=site, actor=SYSTEM)
+        model = model_register(name="m", path=model_path, actor=SYSTEM)
+        user = get_user_model().objects.create_user("u", password="x" * 16)
+        expected_ok = True
+        for i, spec in enumerate(placement["teams"]):
+            team = team_create(name=f"t{i}", members=[user], actor=SYSTEM)
+            if spec["uses_model"]:
+                model.teams.add(team)
+            for c in spec["key_classes"]:
+                key = api_key_create(user=user, name=c, team=team, data_class=DataClass.objects.get(name=c),
+                                     actor=SYSTEM)
+                if spec["revoked"]:
+                    api_key_revoke(api_key=key.api_key, actor=SYSTEM)
+            for c, rule in spec["policies"].items():
+                policy_create(team=team, data_class=DataClass.objects.get(name=c), actor=SYSTEM,
+                              processing_sites=[site] if rule["by_name"] else [],
+                              processing_jurisdictions=rule["jurisdictions"])
+            if spec["uses_model"] and not spec["revoked"]:
+                for c in spec["key_classes"]:
+                    rule = spec["policies"].get(c)
+                    allowed = rule is not None and (rule["by_name"] or (
+                        placement["site"] != "unspecified" and placement["site"] in rule["jurisdictions"]))
+                    expected_ok = expected_ok and allowed
+        problems = deployment_check(model=model, pool=pool)
+        event("deployable" if not problems else "refused")
+        assert (not problems) == expected_ok, problems
         transaction.set_rollback(True)
