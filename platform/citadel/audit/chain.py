@@ -54,6 +54,26 @@ def record_hash(row: dict) -> str:
     return hashlib.sha256(canonical_json(record_body(row))).hexdigest()
 
 
+def canonical_parts(row: dict, slots: tuple[str, ...]) -> list[str]:
+    """The record's canonical JSON cut around the values of `slots` (top-level fields): text pieces
+    such that piece[0] + value(slots[0]) + piece[1] + ... + piece[-1] is canonical_json(record_body).
+
+    Lets the database fill in what only it knows under the chain lock (PostgreSQL append in
+    services.py) while hashing exactly what this module defines. Top-level keys are plain ASCII
+    names, so writing the object key by key equals json.dumps(sort_keys=True) of the whole.
+    """
+    pieces, current = [], "{"
+    for index, name in enumerate(sorted(FIELDS)):
+        current += ("," if index else "") + json.dumps(name) + ":"
+        if name in slots:
+            pieces.append(current)
+            current = ""
+        else:
+            current += canonical_json(row[name]).decode("utf-8")
+    pieces.append(current + "}")
+    return pieces
+
+
 def clean_text(value: str) -> str:
     """Text as PostgreSQL can store it: no NUL characters, no lone surrogates."""
     if "\x00" in value:
