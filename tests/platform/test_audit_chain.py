@@ -87,6 +87,17 @@ def test_details_that_a_json_column_would_change_still_verify_after_reading_back
     assert chain_verify().ok, chain_verify().summary()
 
 
+def test_text_with_quotes_backslashes_newlines_and_emoji_hashes_the_same_in_the_database_and_python():
+    odd = 'he said "hi" \\ {not json} \n tab\t ü 🎉 \u2028 ,:'
+    record = audit_record(actor=Actor("user", odd[:10], odd), action="test.odd", outcome="success",
+                          target_type=odd[:60], target_id=odd, request_id=odd, details={odd: [odd]},
+                          source_address="fe80::1%eth0")
+    stored = AuditRecord.objects.get(sequence=record.sequence)
+    assert stored.actor_label == odd and stored.source_address == "fe80::1"
+    assert record.record_hash == stored.record_hash == chain.record_hash(stored.__dict__)
+    assert chain_verify().ok
+
+
 def test_over_long_text_is_cut_to_the_column_not_refused():
     record = audit_record(actor=Actor("user", "1" * 100, "x" * 500), action="a" * 100, outcome="success",
                           target_id="t" * 1000)
