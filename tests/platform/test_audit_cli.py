@@ -185,3 +185,56 @@ def _signing_key_text() -> str:
     raw = signing_key().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                       serialization.NoEncryption())
     return base64.b64encode(raw).decode()
+
+
+def test_local_settings_make_a_signing_key_file_with_mode_0600_once(settings, tmp_path):
+    from citadel.audit.signing import public_key_b64
+
+    settings.CITADEL_AUDIT_SIGNING_KEY = ""
+    settings.CITADEL_AUDIT_SIGNING_KEY_FILE = tmp_path / "data" / "audit_signing_key"
+    first = public_key_b64()
+    assert (settings.CITADEL_AUDIT_SIGNING_KEY_FILE.stat().st_mode & 0o777) == 0o600
+    assert public_key_b64() == first
+
+
+def test_without_a_key_or_a_key_file_signing_refuses_to_start(settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from citadel.audit.signing import signing_key
+
+    settings.CITADEL_AUDIT_SIGNING_KEY, settings.CITADEL_AUDIT_SIGNING_KEY_FILE = "", None
+    with pytest.raises(ImproperlyConfigured, match="CITADEL_AUDIT_SIGNING_KEY"):
+        signing_key()
+    settings.CITADEL_AUDIT_SIGNING_KEY = "not a key"
+    with pytest.raises(ImproperlyConfigured, match="audit keygen"):
+        signing_key()
+
+
+def test_a_keygen_key_and_a_pem_key_both_sign(settings):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from citadel.audit.signing import sign, signature_valid
+
+    settings.CITADEL_AUDIT_SIGNING_KEY = run("keygen").strip()
+    _, public, signature = sign({"x": 1})
+    assert signature_valid(public, {"x": 1}, signature)
+    settings.CITADEL_AUDIT_SIGNING_KEY = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    _, public, signature = sign({"x": 1})
+    assert signature_valid(public, {"x": 1}, signature)
+
+
+def test_beat_signs_the_head_through_the_checkpoint_task():
+    from django.conf import settings
+
+    from citadel.audit.tasks import audit_checkpoint, audit_retention_purge
+
+    assert settings.CELERY_BEAT_SCHEDULE["audit-checkpoint"]["task"] == audit_checkpoint.name
+    assert settings.CELERY_BEAT_SCHEDULE["audit-retention-purge"]["task"] == audit_retention_purge.name
+    append_some()
+    head = AuditRecord.objects.order_by("-sequence").first()
+    audit_checkpoint.apply().get()  # the head was signed by append_some already: nothing new
+    audit_record(actor=Actor.system(), action="test.more", outcome="success")
+    assert audit_checkpoint.apply().get() == head.sequence + 1
+    assert audit_retention_purge.apply().get() == 0  # CITADEL_AUDIT_RETENTION_DAYS is 0: keep everything
