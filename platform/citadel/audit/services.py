@@ -121,15 +121,18 @@ _APPEND_SQL = (f"SELECT * FROM citadel_audit_append({', '.join(['%s'] * len(_TEX
                "%s::inet, %s::jsonb, %s::text[], %s)")
 
 
-def _append_postgresql(cursor, record: AuditRecord, source_address) -> None:
-    """One statement takes the chain lock, reads the head, numbers, hashes and inserts (migration 0005)."""
+def _append_postgresql(cursor, record: AuditRecord, source_address) -> bool:
+    """One statement takes the chain lock, reads the head, numbers, hashes and inserts (migration 0005).
+    True when the transaction will commit synchronously; False when the caller must wait for the
+    WAL flush after the commit (_wait_until_durable)."""
     address = _ip(source_address)
     pieces = chain.canonical_parts(record.__dict__, _SLOTS)
     cursor.execute(_APPEND_SQL, [*[getattr(record, c) for c in _TEXT_COLUMNS], address,
                                  chain.canonical_json(record.details).decode("utf-8"), pieces, chain.GENESIS_HASH])
-    record.sequence, record.created_at, record.source_address, record.prev_hash, record.record_hash = \
-        cursor.fetchone()
+    (record.sequence, record.created_at, record.source_address, record.prev_hash, record.record_hash,
+     durable) = cursor.fetchone()
     record._state.adding, record._state.db = False, _db_alias()
+    return durable
 
 
 def _wait_until_durable(alias: str) -> None:
@@ -174,13 +177,14 @@ def audit_record(
             # Autocommit: the one statement is its own transaction, so the lock is held only while
             # the server runs it; then wait for the WAL flush, outside the lock.
             with connection.cursor() as cursor:
-                _append_postgresql(cursor, record, source_address)
-            _wait_until_durable(alias)
+                durable = _append_postgresql(cursor, record, source_address)
+            if not durable:
+                _wait_until_durable(alias)
             return record
         with transaction.atomic(using=alias), connection.cursor() as cursor:
             if connection.vendor == "postgresql":
-                _append_postgresql(cursor, record, source_address)
-                transaction.on_commit(lambda: _wait_until_durable(alias), using=alias)
+                if not _append_postgresql(cursor, record, source_address):
+                    transaction.on_commit(lambda: _wait_until_durable(alias), using=alias)
             else:
                 chain_lock(cursor, connection.vendor)
                 head_sequence, head_hash = _chain_head(cursor)
