@@ -4,11 +4,12 @@ Callers pass who, what and how it went; the request adds where from. Each append
 chain lock inside its transaction (PostgreSQL: a transaction-level advisory lock; SQLite: the
 database's write lock), reads the head, numbers and hashes the record and inserts it, so the
 chain never forks across threads and processes and sequence numbers have no gaps. The lock is
-held until the caller's transaction ends; callers audit as their last write. On PostgreSQL that
-transaction commits without waiting for its WAL flush, and the caller continues only once a
-synchronous commit right after it has flushed the WAL past it (_wait_until_durable): as durable
-as an ordinary commit, but concurrent appends share fsyncs instead of queueing behind each one
-under the lock (bench/audit.py measures it).
+held until the caller's transaction ends; callers audit as their last write. On PostgreSQL one
+server-side function does it all (migration 0005). When other appends hold or wait for the
+lock, that transaction commits without waiting for its WAL flush and the caller continues only
+once a synchronous commit right after it has flushed the WAL past it (_wait_until_durable): as
+durable as an ordinary commit, but concurrent appends share fsyncs instead of queueing behind
+each one under the lock (bench/audit.py measures it).
 
 If the record cannot be written, audit_record raises AuditUnavailable (HTTP 503) and the
 transaction of the action it describes rolls back with it (fail closed, DESIGN.md).
@@ -173,7 +174,7 @@ def audit_record(
     alias = _db_alias()
     connection = connections[alias]
     try:
-        if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        if connection.vendor == "postgresql" and connection.get_autocommit() and not connection.in_atomic_block:
             # Autocommit: the one statement is its own transaction, so the lock is held only while
             # the server runs it; then wait for the WAL flush, outside the lock.
             with connection.cursor() as cursor:
