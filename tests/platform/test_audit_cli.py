@@ -238,3 +238,22 @@ def test_beat_signs_the_head_through_the_checkpoint_task():
     audit_record(actor=Actor.system(), action="test.more", outcome="success")
     assert audit_checkpoint.apply().get() == head.sequence + 1
     assert audit_retention_purge.apply().get() == 0  # CITADEL_AUDIT_RETENTION_DAYS is 0: keep everything
+
+
+def test_an_export_after_a_purge_still_verifies_with_the_documented_snippet(tmp_path, outside_verifier):
+    from datetime import timedelta
+
+    from citadel.audit.services import audit_purge, legal_hold_create
+
+    append_some()
+    records = list(AuditRecord.objects.order_by("sequence"))
+    legal_hold_create(reason="matter", actor=Actor.system(), target_id="k0")
+    audit_purge(older_than_days=1, actor=Actor.system(), now=records[2].created_at + timedelta(days=1))
+    path = tmp_path / "audit.jsonl"
+    run("export", "--out", str(path))
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [line["sequence"] for line in lines if line["type"] == "record"][0] == records[0].sequence  # held
+    assert any(line["type"] == "purge" for line in lines)
+    done = subprocess.run([sys.executable, str(outside_verifier), str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
+    assert run("verify").startswith("OK")
