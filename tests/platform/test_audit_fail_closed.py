@@ -124,3 +124,16 @@ def test_an_inference_request_is_refused_with_503_and_nothing_is_dispatched(
     with connection.cursor() as cursor:
         cursor.execute("RESET ROLE")
     assert InferenceJob.objects.count() == 1 and AuditRecord.objects.count() == records
+
+
+def test_an_export_is_refused_when_it_cannot_be_audited(make_audit_unwritable, tmp_path):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    audit_record(actor=Actor.system(), action="test.event", outcome="success")
+    make_audit_unwritable()
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="audit log cannot be written"):
+        call_command("audit", "export", stdout=out)
+    assert out.getvalue() == ""
