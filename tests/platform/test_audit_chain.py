@@ -59,6 +59,7 @@ def test_records_are_numbered_without_gaps_and_each_links_to_the_one_before():
 
 
 def test_the_first_record_starts_from_the_genesis_hash():
+    assert not AuditRecord.objects.exists()
     assert append(1)[0].prev_hash == chain.GENESIS_HASH
     assert AuditRecord.objects.get().sequence == 1
 

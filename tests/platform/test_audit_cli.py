@@ -26,14 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 VERIFYING = ROOT / "platform" / "citadel" / "audit" / "VERIFYING.md"
 
 
-def append_some():
+def append_some() -> list[int]:
+    """Four records and a checkpoint of the head; their sequence numbers."""
+    records = []
     for i in range(3):
-        audit_record(actor=Actor("user", "1", "alice"), action="api_key.create", outcome="success",
+        records.append(audit_record(actor=Actor("user", "1", "alice"), action="api_key.create", outcome="success",
                      target_type="api_key", target_id=f"k{i}", details={"name": f"key {i}", "ünï": "cödé"},
-                     source_address="10.0.0.7")
-    audit_record(actor=Actor("anonymous", "", "bob"), action="user.login", outcome="failure",
-                 details={"ratio": 0.1})
+                     source_address="10.0.0.7"))
+    records.append(audit_record(actor=Actor("anonymous", "", "bob"), action="user.login", outcome="failure",
+                                details={"ratio": 0.1}))
     checkpoint_create()
+    return [record.sequence for record in records]
 
 
 def run(*args) -> str:
@@ -53,21 +56,21 @@ def outside_verifier(tmp_path):
 
 def test_verify_says_ok_for_an_intact_log():
     append_some()
-    assert run("verify").startswith("OK: 4 records")
+    assert run("verify").startswith(f"OK: {AuditRecord.objects.count()} records")
 
 
 def test_verify_exits_1_naming_the_sequence_of_a_tampered_row():
     require(connection.vendor == "postgresql", "PostgreSQL on 127.0.0.1:5432")
-    append_some()
+    second = append_some()[1]
     with connection.cursor() as cursor:
         cursor.execute("ALTER TABLE audit_auditrecord DISABLE TRIGGER USER")
-        cursor.execute("UPDATE audit_auditrecord SET actor_label = 'mallory' WHERE sequence = 2")
+        cursor.execute("UPDATE audit_auditrecord SET actor_label = 'mallory' WHERE sequence = %s", [second])
         cursor.execute("ALTER TABLE audit_auditrecord ENABLE TRIGGER USER")
     err = io.StringIO()
     with pytest.raises(SystemExit) as exited:
         call_command("audit", "verify", stdout=io.StringIO(), stderr=err)
     assert exited.value.code == 1
-    assert err.getvalue().startswith("FAILED at sequence 2: hash_mismatch")
+    assert err.getvalue().startswith(f"FAILED at sequence {second}: hash_mismatch")
 
 
 def test_verify_with_another_public_key_rejects_the_checkpoints(tmp_path):
@@ -92,8 +95,8 @@ def test_a_jsonl_export_verifies_with_the_documented_snippet_and_tampering_fails
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert lines[0]["type"] == "header" and lines[0]["public_keys"][0]["public_key"] == public_key_b64()
     kinds = [line["type"] for line in lines]
-    assert kinds.count("record") == 5 and kinds.count("checkpoint") == 1  # the export audited itself first
-    assert lines[kinds.index("record") + 4]["action"] == "audit.export"
+    assert kinds.count("record") == AuditRecord.objects.count() and kinds.count("checkpoint") == 1
+    assert [line for line in lines if line["type"] == "record"][-1]["action"] == "audit.export"  # audited first
 
     verify = [sys.executable, str(outside_verifier), str(path), public_key_b64()]
     done = subprocess.run(verify, capture_output=True, text=True)
@@ -120,7 +123,7 @@ def test_a_csv_export_carries_hashes_that_recompute_from_its_columns(tmp_path):
     run("export", "--format", "csv", "--out", str(path))
     rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
     records = [row for row in rows if row["kind"] == "record"]
-    assert len(records) == 5 and {row["kind"] for row in rows} == {"public_key", "record", "checkpoint"}
+    assert len(records) == AuditRecord.objects.count() and {row["kind"] for row in rows} == {"public_key", "record", "checkpoint"}
     for row in records:
         body = {name: row[name] for name in chain.FIELDS}
         body.update(sequence=int(row["sequence"]), details=json.loads(row["details"]),
@@ -145,13 +148,14 @@ def test_an_export_by_time_uses_since_and_until():
     append_some()
     records = list(AuditRecord.objects.order_by("sequence"))
     out = run("export", "--since", records[1].created_at.isoformat(), "--until", records[3].created_at.isoformat())
-    assert [json.loads(line)["sequence"] for line in out.splitlines() if '"type": "record"' in line] == [2, 3]
+    assert [json.loads(line)["sequence"] for line in out.splitlines() if '"type": "record"' in line] == \
+        [records[1].sequence, records[2].sequence]
 
 
 def test_checkpoint_purge_and_hold_commands():
-    append_some()
+    head = append_some()[-1]
     assert "Nothing to sign" in run("checkpoint")
-    assert run("checkpoint", "--force").startswith("Signed record 4")
+    assert run("checkpoint", "--force").startswith(f"Signed record {head}")
     assert "placed" in run("hold", "add", "--reason", "matter 7", "--target-id", "k1")
     hold = LegalHold.objects.get()
     assert f"{hold.pk}\tactive\tmatter 7\ttarget_id=k1" in run("hold", "list")
@@ -163,18 +167,18 @@ def test_checkpoint_purge_and_hold_commands():
 @pytest.mark.django_db(transaction=True)
 def test_citadel_audit_verify_exits_0_then_1_in_a_separate_process(cli_env):
     require(connection.vendor == "postgresql", "PostgreSQL on 127.0.0.1:5432")
-    append_some()
+    third = append_some()[2]
     verify = [sys.executable, "-m", "citadel.cli", "audit", "verify"]
     cli_env["CITADEL_AUDIT_SIGNING_KEY"] = _signing_key_text()  # the same key as this process
     done = subprocess.run(verify, env=cli_env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
     with connection.cursor() as cursor:
         cursor.execute("ALTER TABLE audit_auditrecord DISABLE TRIGGER USER")
-        cursor.execute("DELETE FROM audit_auditrecord WHERE sequence = 3")
+        cursor.execute("DELETE FROM audit_auditrecord WHERE sequence = %s", [third])
         cursor.execute("ALTER TABLE audit_auditrecord ENABLE TRIGGER USER")
     done = subprocess.run(verify, env=cli_env, capture_output=True, text=True)
     assert done.returncode == 1
-    assert "FAILED at sequence 3: missing_sequence" in done.stderr
+    assert f"FAILED at sequence {third}: missing_sequence" in done.stderr
 
 
 def _signing_key_text() -> str:
