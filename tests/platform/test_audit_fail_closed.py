@@ -137,3 +137,14 @@ def test_an_export_is_refused_when_it_cannot_be_audited(make_audit_unwritable, t
     with pytest.raises(CommandError, match="audit log cannot be written"):
         call_command("audit", "export", stdout=out)
     assert out.getvalue() == ""
+
+
+def test_a_console_login_is_refused_with_503_and_leaves_no_session(user, make_audit_unwritable):
+    client = Client()
+    make_audit_unwritable()
+    response = client.post("/login/", {"username": "officer", "password": "x" * 16})
+    assert response.status_code == 503
+    assert "audit log cannot be written" in response.content.decode()
+    with connection.cursor() as cursor:
+        cursor.execute("RESET ROLE")
+    assert "_auth_user_id" not in client.session

@@ -270,6 +270,13 @@ def test_kept_prompts_are_removed_when_their_days_are_over(world):
     assert "messages" not in job.payload and job.prompt_kept_until is None
 
 
+def test_beat_purges_kept_prompts_every_hour(settings):
+    from citadel.jobs.tasks import prompts_purge
+
+    entry = settings.CELERY_BEAT_SCHEDULE["jobs-prompts-purge"]
+    assert entry["task"] == prompts_purge.name and entry["schedule"] == 3600.0
+
+
 def test_files_are_stored_only_at_a_site_the_policy_allows_for_storage_and_that_has_storage(world):
     from citadel.residency.services import storage_site_for
 

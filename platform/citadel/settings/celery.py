@@ -46,4 +46,6 @@ CELERY_BEAT_SCHEDULE = {
     "audit-checkpoint": {"task": "citadel.audit.checkpoint",
                          "schedule": env.float("CITADEL_AUDIT_CHECKPOINT_SECONDS", default=300.0)},
     "audit-retention-purge": {"task": "citadel.audit.retention_purge", "schedule": 6 * 3600.0},
+    # Drop kept prompts whose residency policy's retention days are over.
+    "jobs-prompts-purge": {"task": "citadel.jobs.prompts_purge", "schedule": 3600.0},
 }
