@@ -13,4 +13,5 @@ urlpatterns = [
     path("models/", views.models_page, name="models"),
     path("playground/", views.playground, name="playground"),
     path("playground/stream", views.PlaygroundStreamApi.as_view(), name="playground-stream"),
+    path("residency/", views.residency_dry_run, name="residency"),
 ]

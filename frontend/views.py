@@ -6,11 +6,14 @@ from django.shortcuts import redirect, render
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.views import APIView
 
+from citadel.core.exceptions import CitadelError
 from citadel.gateway.apis import inference_request
 from citadel.gateway.serializers import ChatCompletionInput
 from citadel.jobs.models import InferenceJob
 from citadel.registry.models import Deployment, Model
 from citadel.registry.selectors import models_deployed, workers_live
+from citadel.residency import services as residency
+from citadel.residency.models import DataClass
 
 
 def home(request):
@@ -41,3 +44,27 @@ class PlaygroundStreamApi(APIView):
         body = request.data if isinstance(request.data, dict) else {}
         return inference_request(request, ChatCompletionInput, kind=InferenceJob.Kind.CHAT,
                                  data={**body, "stream": True})  # the playground always streams
+
+
+@login_required
+def residency_dry_run(request):
+    """Would a request be allowed, and where would it run? The same decision as dispatch and as
+    POST /api/v1/residency/dry-run, for the signed-in user; nothing is dispatched."""
+    form = {"model": "", "data_class": "", "purpose": "inference"}
+    result = error = None
+    if request.method == "POST":
+        form = {key: request.POST.get(key, default) for key, default in form.items()}
+        try:
+            if form["purpose"] not in residency.PURPOSES:
+                raise CitadelError(f"purpose must be one of {', '.join(residency.PURPOSES)}")
+            model = Model.objects.filter(name=form["model"]).first()
+            if model is None:
+                raise CitadelError(f"There is no model named {form['model']!r}: pick one from the list.")
+            result = residency.dry_run(request=request, model=model, requested_class=form["data_class"] or None,
+                                       purpose=form["purpose"])
+        except CitadelError as failure:
+            error = str(failure)
+    return render(request, "frontend/residency.html", {
+        "models": Model.objects.order_by("name"), "data_classes": DataClass.objects.order_by("rank", "name"),
+        "purposes": residency.PURPOSES, "form": form, "result": result, "error": error,
+    })

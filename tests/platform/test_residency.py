@@ -361,6 +361,23 @@ def test_the_dry_run_works_from_a_console_session(world):
                          content_type="application/json").status_code in (401, 403)
 
 
+def test_the_console_residency_page_shows_the_dry_run_decision(world):
+    client = Client()
+    client.force_login(world.alice)
+    policy_create(team=world.team, data_class=dc("internal"), processing_sites=[world.eu], actor=SYSTEM)
+    assert client.get("/residency/").status_code == 200
+    page = client.post("/residency/", {"model": "m", "data_class": "", "purpose": "inference"}).content.decode()
+    assert "allowed" in page and "gpu-eu" in page and "eu-1" in page and "(EU)" in page
+    denied = client.post("/residency/", {"model": "m", "data_class": "restricted", "purpose": "inference"})
+    assert "denied" in denied.content.decode() and "restricted" in denied.content.decode()
+    lowered = client.post("/residency/", {"model": "m", "data_class": "public", "purpose": "inference"})
+    assert 'id="dry-run-error"' in lowered.content.decode()
+    unknown = client.post("/residency/", {"model": "nope", "purpose": "inference"})
+    assert "There is no model named" in unknown.content.decode()
+    assert not InferenceJob.objects.exists()
+    assert Client().get("/residency/").status_code == 302  # sign in first
+
+
 # -- management API ---------------------------------------------------------------------------
 
 def test_admins_manage_sites_classes_and_policies_and_every_change_is_audited_with_before_and_after(staff):

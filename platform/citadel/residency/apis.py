@@ -236,25 +236,9 @@ class DryRunApi(APIView):
     def post(self, request):
         data = self.DryRunInput(data=request.data)
         data.is_valid(raise_exception=True)
-        requested = data.validated_data["data_class"]
-        subject = services.request_subject(request, requested_class=requested,
-                                           param="data_class" if requested else services.HEADER)
-        decision = services.decide(team=subject.team, data_class=subject.data_class,
-                                   model=model_get(name=data.validated_data["model"]),
-                                   purpose=data.validated_data["purpose"])
-        details = decision.details()
-        stored = [s.name for s in services.storage_sites(decision.policy)] if decision.policy else []
-        try:
-            storage_site = services.storage_site_for(team=subject.team, data_class=subject.data_class).name
-        except services.ResidencyDenied:
-            storage_site = None
-        return Response({
-            "allowed": decision.allowed, "pool": details["pool"], "site": details["site"],
-            "jurisdiction": details["jurisdiction"], "reason": decision.reason, "team": details["team"],
-            "data_class": subject.data_class.name, "policy": details["policy"],
-            "allowed_pools": details["allowed_pools"], "storage_sites": stored, "storage_site": storage_site,
-            "prompt_retention": details["prompt_retention"],
-        })
+        return Response(services.dry_run(request=request, model=model_get(name=data.validated_data["model"]),
+                                         requested_class=data.validated_data["data_class"],
+                                         purpose=data.validated_data["purpose"]))
 
 
 class CsvRenderer(renderers.BaseRenderer):

@@ -436,3 +436,24 @@ def policy_delete(*, policy: Policy, actor: Actor, request=None) -> None:
     policy.delete()
     audit_record(actor=actor, action="residency.policy.delete", outcome="success", target_type="policy",
                  target_id=str(before["id"]), request=request, details={"before": before, "after": None})
+
+
+def dry_run(*, request, model, requested_class: str | None, purpose: str = "inference") -> dict:
+    """Would this request (its key or session, raised to `requested_class`) be allowed for `model`,
+    and where would it run and be stored? Decides exactly as dispatch does; dispatches nothing."""
+    subject = request_subject(request, requested_class=requested_class,
+                              param="data_class" if requested_class else HEADER)
+    decision = decide(team=subject.team, data_class=subject.data_class, model=model, purpose=purpose)
+    details = decision.details()
+    stored = [s.name for s in storage_sites(decision.policy)] if decision.policy else []
+    try:
+        storage_site = storage_site_for(team=subject.team, data_class=subject.data_class).name
+    except ResidencyDenied:
+        storage_site = None
+    return {
+        "allowed": decision.allowed, "pool": details["pool"], "site": details["site"],
+        "jurisdiction": details["jurisdiction"], "reason": decision.reason, "team": details["team"],
+        "data_class": subject.data_class.name, "policy": details["policy"],
+        "allowed_pools": details["allowed_pools"], "storage_sites": stored, "storage_site": storage_site,
+        "prompt_retention": details["prompt_retention"],
+    }
