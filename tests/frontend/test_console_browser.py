@@ -75,3 +75,17 @@ def test_the_playground_streams_a_reply_from_the_model_and_logout_ends_the_sessi
     page.click("text=Log out")
     page.goto("/playground/")
     assert "/login/" in page.url
+
+
+def test_the_residency_dry_run_says_whether_and_where_a_request_would_run(page):
+    log_in(page)
+    page.wait_for_url("**/models/")
+    page.click("text=Residency")
+    page.select_option("select[name=model]", "tiny")
+    page.click("#dry-run button[type=submit]")
+    result = page.locator("#dry-run-result").inner_text()
+    assert "allowed" in result and "e2e at site-a" in result and "internal" in result
+    page.select_option("select[name=data_class]", "restricted")
+    page.click("#dry-run button[type=submit]")
+    result = page.locator("#dry-run-result").inner_text()
+    assert "denied" in result and "restricted" in result
