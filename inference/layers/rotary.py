@@ -8,11 +8,6 @@ from torch import nn
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin for any positions, from the config's rope_parameters (transformers' own formulas)."""
 
@@ -52,7 +47,7 @@ class RotaryEmbedding(nn.Module):
     def step_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, signed sin [T, 1, dim] for `rotate`, built once per step for every layer.
 
-        rotate_half(x) * sin is (-x2 * sin, x1 * sin) for halves x1, x2; that is x rolled by half
+        transformers' rotate_half(x) * sin is (-x2 * sin, x1 * sin) for halves x1, x2; that is x rolled by half
         its width times (-sin, +sin): the same products, in two operations instead of five.
         """
         cos, sin = self.cos_sin(positions, dtype)
@@ -64,9 +59,3 @@ class RotaryEmbedding(nn.Module):
     def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, dim] rotated by the step tables cos, signed_sin [T, 1, dim] (step_tables)."""
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, dim] rotated by cos, sin [T, dim] (transformers' formula)."""
-        cos, sin = cos[:, None], sin[:, None]
-        return x * cos + rotate_half(x) * sin

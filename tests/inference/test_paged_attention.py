@@ -1,6 +1,6 @@
-"""Decode attention over the paged cache: the page-space path (large batches) and the gathered
-path (small batches) compute the same attention, with and without a sliding window, whatever
-order the pages lie in; and freed pages are reused last-freed first."""
+"""Decode attention over the paged cache equals attention computed per sequence, for batches
+attended in one group and in several length-sorted groups, with and without a sliding window,
+whatever order the pages lie in; and freed pages are reused last-freed first."""
 
 import random
 
@@ -48,21 +48,13 @@ def _context(lens):
 
 
 @pytest.mark.parametrize("sliding_window", [None, 50])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_page_space_decode_equals_gathered_decode(seed, sliding_window, monkeypatch):
-    q, cache, block_tables, lens = _decode_step(seed, num_seqs=attention.PAGE_SPACE_MIN_DECODES + 9, page_entries=16)
-    in_page_space = attention._decode(q, cache, block_tables, _context(lens), 0.25, sliding_window)
-    monkeypatch.setattr(attention, "PAGE_SPACE_MIN_DECODES", 10**9)
-    gathered = attention._decode(q, cache, block_tables, _context(lens), 0.25, sliding_window)
-    assert torch.isfinite(in_page_space).all()
-    torch.testing.assert_close(in_page_space, gathered, atol=1e-5, rtol=1e-5)
-
-
-def test_gathered_decode_equals_attention_computed_per_sequence():
-    q, cache, block_tables, lens = _decode_step(3, num_seqs=5, page_entries=8)
-    out = attention._decode(q, cache, block_tables, _context(lens), 0.25, None)
+@pytest.mark.parametrize("num_seqs", [5, 3 * attention.DECODE_GROUP + 2])  # one group; several groups
+def test_decode_equals_attention_computed_per_sequence(num_seqs, sliding_window):
+    q, cache, block_tables, lens = _decode_step(num_seqs, num_seqs=num_seqs, page_entries=8)
+    out = attention._decode(q, cache, block_tables, _context(lens), 0.25, sliding_window)
     for i, n in enumerate(lens):
-        kv = cache[block_tables[i]].flatten(0, 1)[:n]  # [n, 2, Hkv, D]
+        first = 0 if sliding_window is None else max(n - sliding_window, 0)
+        kv = cache[block_tables[i]].flatten(0, 1)[first:n]  # [n', 2, Hkv, D]
         k, v = kv[:, 0].repeat_interleave(2, dim=1), kv[:, 1].repeat_interleave(2, dim=1)  # GQA: 2 q heads per kv head
         probs = torch.softmax(torch.einsum("hd,nhd->hn", q[i], k) * 0.25, dim=-1)
         torch.testing.assert_close(out[i], torch.einsum("hn,nhd->hd", probs, v), atol=1e-5, rtol=1e-5)
