@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# Several test runs at once (e.g. two developers' sessions) each need their own broker database.
+REDIS_URL = os.environ.get("CITADEL_TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
 
 
 def free_port() -> int:
