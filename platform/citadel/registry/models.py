@@ -6,10 +6,19 @@ from citadel.celery import pool_queue
 
 
 class Model(models.Model):
-    """A Hugging Face checkpoint folder, addressed by `name` in the OpenAI API."""
+    """A Hugging Face checkpoint folder, addressed by `name` in the OpenAI API.
 
-    name = models.SlugField(max_length=100, unique=True, help_text="The id clients pass as `model`.")
-    path = models.CharField(max_length=500, help_text="Checkpoint folder on the worker hosts.")
+    A fine-tuned variant (`base` set) is a PEFT adapter over its base model: it has no deployment
+    of its own, runs on its base model's deployments (same `path`), and the worker hands the
+    adapter to the engine (citadel.finetuning registers them, named like OpenAI's `ft:<base>:<suffix>:<id>`).
+    """
+
+    name = models.SlugField(max_length=200, unique=True, help_text="The id clients pass as `model`.")
+    path = models.CharField(max_length=500, help_text="Checkpoint folder on the worker hosts (a variant: its base's).")
+    base = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="variants",
+                             help_text="For a fine-tuned variant: the model its adapter applies to.")
+    adapter_path = models.CharField(max_length=500, blank=True,
+                                    help_text="For a fine-tuned variant: its PEFT adapter folder on the worker hosts.")
     family = models.CharField(max_length=64, blank=True, help_text="config.json's model_type.")
     description = models.TextField(blank=True)
     teams = models.ManyToManyField(

@@ -3,7 +3,7 @@
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from citadel.core.exceptions import NotFound
@@ -19,11 +19,21 @@ def model_get(*, name: str) -> Model:
 
 
 def models_deployed() -> QuerySet[Model]:
-    return Model.objects.filter(deployments__status=Deployment.Status.ACTIVE).distinct()
+    """Models with an active deployment, and the fine-tuned variants of those (served by their base's)."""
+    active = Deployment.Status.ACTIVE
+    return Model.objects.filter(Q(deployments__status=active) | Q(base__deployments__status=active)).distinct()
 
 
 def deployments_active_for_model(*, model: Model) -> QuerySet[Deployment]:
-    return Deployment.objects.filter(model=model, status=Deployment.Status.ACTIVE).select_related("pool", "model")
+    """Where `model` runs: its own deployments, or for a fine-tuned variant its base model's."""
+    return Deployment.objects.filter(model_id=model.base_id or model.pk, status=Deployment.Status.ACTIVE) \
+        .select_related("pool", "model")
+
+
+def model_adapter(*, name: str) -> dict | None:
+    """The adapter a request for model `name` carries to the worker ({name, path}), None for a plain model."""
+    variant = Model.objects.filter(name=name, base__isnull=False).values("name", "adapter_path").first()
+    return {"name": variant["name"], "path": variant["adapter_path"]} if variant else None
 
 
 def workers_live(*, pool: WorkerPool | None = None) -> QuerySet[Worker]:

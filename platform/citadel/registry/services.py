@@ -48,6 +48,25 @@ def model_register(*, name: str, path: str, actor: Actor, description: str = "",
 
 
 @transaction.atomic
+def model_variant_register(*, base: Model, name: str, adapter_path: str, actor: Actor, description: str = "",
+                           request=None) -> Model:
+    """Register a fine-tuned variant of `base`: its PEFT adapter folder, served on the base's deployments.
+
+    The name is the OpenAI-style `ft:<base>:<suffix>:<id>`, so not a slug; callers build it."""
+    if base.base_id:
+        raise InvalidRequest(f"'{base.name}' is itself a fine-tuned variant; a variant's base must be a "
+                             "checkpoint.", param="model")
+    if Model.objects.filter(name=name).exists():
+        raise Conflict(f"A model named '{name}' is already registered.", param="name")
+    model = Model.objects.create(name=name, path=base.path, family=base.family, base=base,
+                                 adapter_path=adapter_path, description=description)
+    model.teams.set(base.teams.all())
+    audit_record(actor=actor, action="model.variant.register", outcome="success", target_type="model",
+                 target_id=name, request=request, details={"base": base.name, "adapter_path": adapter_path})
+    return model
+
+
+@transaction.atomic
 def pool_create(*, name: str, site: str | Site, actor: Actor, description: str = "", request=None) -> WorkerPool:
     """A pool at `site` (a Site or its name; an unknown name makes a site of unspecified
     jurisdiction, which only a policy naming it allows)."""
@@ -67,6 +86,9 @@ def pool_create(*, name: str, site: str | Site, actor: Actor, description: str =
 
 def deployment_create(*, model: Model, pool: WorkerPool, actor: Actor, engine_settings: dict | None = None,
                       request=None) -> Deployment:
+    if model.base_id:
+        raise InvalidRequest(f"'{model.name}' is a fine-tuned variant: it runs wherever its base model "
+                             f"'{model.base.name}' is deployed. Deploy the base model instead.", param="model")
     refusal = deployment_refusal(model=model, pool=pool)
     if refusal is not None:  # audited outside the transaction that would roll it back with the refusal
         audit_record(actor=actor, action="deployment.create", outcome="denied", target_type="model",
