@@ -20,7 +20,7 @@ from citadel.gateway.streaming import job_event_stream
 from citadel.jobs.models import InferenceJob
 from citadel.jobs.selectors import job_wait
 from citadel.jobs.services import job_error, job_submit
-from citadel.registry.selectors import models_deployed
+from citadel.registry.selectors import model_adapter, models_deployed
 from citadel.residency.services import request_subject
 
 
@@ -49,7 +49,11 @@ class ModelRetrieveApi(OpenAIApi):
 def run_job(request, data, *, kind: str):
     """Submit the validated request and answer it, streamed or whole. Shared with the console."""
     api_key = request.auth if hasattr(request.auth, "prefix") else None
-    job = job_submit(model_name=data.validated_data["model"], kind=kind, payload=data.payload(),
+    payload = data.payload()
+    adapter = model_adapter(name=data.validated_data["model"])
+    if adapter is not None:  # a fine-tuned model: its base's deployment runs it with this adapter
+        payload["adapter"] = adapter
+    job = job_submit(model_name=data.validated_data["model"], kind=kind, payload=payload,
                      stream=data.validated_data["stream"], actor=Actor.for_request(request), request=request,
                      user=request.user, api_key=api_key, subject=request_subject(request))
     if data.validated_data["stream"]:

@@ -33,9 +33,18 @@ def _events(llm, job: InferenceJob):
         params = SamplingParams(**job.payload.get("sampling", {}))
     except (TypeError, ValueError) as error:
         raise _InvalidParams(str(error)) from error
+    # A fine-tuned model's job carries its adapter; plain jobs call the engine exactly as before.
+    adapter = job.payload.get("adapter")
+    extra = {"lora_request": _lora_request(adapter)} if adapter else {}
     if job.kind == InferenceJob.Kind.CHAT:
-        return llm.stream_chat(job.payload["messages"], params)
-    return llm.stream(job.payload["prompt"], params)
+        return llm.stream_chat(job.payload["messages"], params, **extra)
+    return llm.stream(job.payload["prompt"], params, **extra)
+
+
+def _lora_request(adapter: dict):
+    from inference import LoRARequest
+
+    return LoRARequest(name=adapter["name"], path=adapter["path"])
 
 
 class _InvalidParams(Exception):
