@@ -9,10 +9,14 @@ Every family Citadel serves has a native definition in inference/models (see
 models/registry.py) and runs on Citadel's runtime (inference/engine): one engine loop thread per
 LLM steps a continuous batch, so the prompts of one `generate` call, and concurrent `stream`
 callers in several threads, are decoded together.
+
+Every call takes an optional `lora_request` (inference/lora): the request is served with that
+PEFT adapter, batched with requests for other adapters and for the base model.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import threading
@@ -26,11 +30,16 @@ from .engine import EngineConfig, EngineLoop, LLMEngine
 from .engine.loop import EngineFailure
 from .engine.sequence import Sequence
 from .loader import check_checkpoint_folder, load_tokenizer, resolve_device, resolve_dtype
+from .lora import LoRAAdapter, LoRARequest, load_adapter
+from .lora.adapter import adapter_cache_key
+from .lora.layers import lora_targets
 from .models import registry
 from .outputs import RequestOutput, StreamEvent
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
+ADAPTERS_KEPT_IN_HOST_MEMORY = 32
+"""Adapters read from disk are kept (on the CPU) for the next request that names them."""
 Messages = list[dict]
 
 
@@ -45,7 +54,8 @@ class LLM:
             no seed of their own (each such request still gets different draws). None: seeded
             from the operating system.
         **engine_settings: scheduling and cache settings of the runtime (EngineConfig:
-            max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory, max_model_len).
+            max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory, max_model_len,
+            max_loras).
     """
 
     def __init__(
@@ -75,12 +85,22 @@ class LLM:
         self._lock = threading.Lock()  # the tokenizer's: the engine thread detokenizes, callers tokenize
         self._request_counter = itertools.count()
         self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
+        self._adapters: collections.OrderedDict[str, LoRAAdapter] = collections.OrderedDict()
+        self._adapters_lock = threading.Lock()
+        self._lora_targets: dict[str, tuple[int, int]] | None = None
 
         # Runs in the engine loop thread (see engine/loop.py). It must not hold `self`, or the
         # thread would keep this LLM alive and __del__ would never stop it.
         build_engine = functools.partial(
-            _build_engine, self.model_path, config, self.device, self.dtype, engine_config,
-            self._eos_token_ids, self._engine_generator, self._lock,
+            _build_engine,
+            self.model_path,
+            config,
+            self.device,
+            self.dtype,
+            engine_config,
+            self._eos_token_ids,
+            self._engine_generator,
+            self._lock,
         )
         self._loop = EngineLoop(build_engine)
 
@@ -112,11 +132,19 @@ class LLM:
         self,
         prompts: Prompt | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt."""
+        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt.
+
+        lora_request: serve every prompt with this adapter, or one adapter (or None) per prompt.
+        """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(params, len(prompt_list))
-        seqs = [self._new_sequence(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
+        lora_list = _as_lora_list(lora_request, len(prompt_list))
+        seqs = [
+            self._new_sequence(p, sp, lr)
+            for p, sp, lr in zip(prompt_list, params_list, lora_list, strict=True)
+        ]
         outboxes = [self._loop.submit(seq) for seq in seqs]  # all at once: they decode as one batch
         try:
             for outbox in outboxes:
@@ -132,21 +160,29 @@ class LLM:
         self,
         messages: Messages | list[Messages],
         params: SamplingParams | list[SamplingParams] | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Answer each conversation ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template."""
         conversations = _as_conversation_list(messages)
-        return self.generate([self._render_chat(c) for c in conversations], params)
+        return self.generate([self._render_chat(c) for c in conversations], params, lora_request)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, lora_request: LoRARequest | None = None
+    ) -> Iterator[StreamEvent]:
         """Complete one prompt, yielding an event per generated token (the last one has finish_reason).
 
         Several threads may stream at once: their requests share the engine's batches.
         """
-        return self._stream(self._new_sequence(prompt, params or SamplingParams()))
+        return self._stream(self._new_sequence(prompt, params or SamplingParams(), lora_request))
 
-    def stream_chat(self, messages: Messages, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+    def stream_chat(
+        self,
+        messages: Messages,
+        params: SamplingParams | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> Iterator[StreamEvent]:
         """`stream` for one conversation, with the checkpoint's chat template applied."""
-        return self.stream(self._render_chat(messages), params)
+        return self.stream(self._render_chat(messages), params, lora_request)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -163,7 +199,30 @@ class LLM:
                 f"the chat template of {self.model_path} rejected the messages: {error}"
             ) from error
 
-    def _new_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def _adapter(self, request: LoRARequest) -> LoRAAdapter:
+        """The adapter's weights, read and checked against this model once per version of its file."""
+        if not isinstance(request, LoRARequest):
+            raise TypeError(f"lora_request must be an inference.LoRARequest, got {type(request).__name__}")
+        key = adapter_cache_key(request)
+        with self._adapters_lock:
+            adapter = self._adapters.get(key)
+            if adapter is not None and adapter.name == request.name:
+                self._adapters.move_to_end(key)
+                return adapter
+            if self._lora_targets is None:
+                self._lora_targets = lora_targets(self._loop.engine.runner.model)
+            targets = self._lora_targets
+        model = self._loop.engine.runner.model
+        adapter = load_adapter(request, targets, model.lora_module_name)
+        with self._adapters_lock:
+            self._adapters[adapter.key] = adapter
+            while len(self._adapters) > ADAPTERS_KEPT_IN_HOST_MEMORY:
+                self._adapters.popitem(last=False)
+        return adapter
+
+    def _new_sequence(
+        self, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None = None
+    ) -> Sequence:
         if isinstance(prompt, str):
             # A rendered chat template already holds its special tokens (BOS included).
             has_bos = self.tokenizer.bos_token is not None and prompt.startswith(self.tokenizer.bos_token)
@@ -183,7 +242,9 @@ class LLM:
                 f"the prompt has {len(token_ids)} tokens but the model holds at most {self.max_model_len}: "
                 "shorten the prompt"
             )
+        adapter = self._adapter(lora_request) if lora_request is not None else None
         return Sequence(
+            lora=adapter,
             request_id=str(next(self._request_counter)),
             prompt=text,
             prompt_token_ids=token_ids,
@@ -267,6 +328,14 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts: pass one, or one per prompt")
     return list(params)
+
+
+def _as_lora_list(lora_request, n: int) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if not isinstance(lora_request, list | tuple) or len(lora_request) != n:
+        raise ValueError(f"pass one LoRARequest, or a list of {n} (one per prompt, None for the base model)")
+    return list(lora_request)
 
 
 def _as_conversation_list(messages) -> list[Messages]:

@@ -22,9 +22,11 @@ class EngineConfig:
     sequences can use."""
     max_model_len: int | None = None
     """Most tokens (prompt plus completion) per sequence; None: the model's maximum."""
+    max_loras: int = 8
+    """Most LoRA adapters on the model's device at once (requests for others wait for a free place)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

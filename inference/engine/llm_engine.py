@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..lora.manager import LoRAManager
 from ..outputs import StreamEvent
 from .config import EngineConfig
 from .model_runner import ModelRunner
@@ -55,8 +56,9 @@ class LLMEngine:
         tokenizer_lock: threading.Lock | None = None,
     ):
         self.config = config
-        self.runner = ModelRunner(model, config, device)
-        self.scheduler = Scheduler(config, self.runner.block_manager)
+        self.lora = LoRAManager(model, config.max_loras)
+        self.runner = ModelRunner(model, config, device, self.lora)
+        self.scheduler = Scheduler(config, self.runner.block_manager, self.lora)
         self.eos_token_ids = eos_token_ids
         self._generator = generator
         self._tokenizer_lock = tokenizer_lock or contextlib.nullcontext()

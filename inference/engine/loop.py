@@ -88,6 +88,7 @@ class EngineLoop:
             stats["waiting"] = len(self.engine.scheduler.waiting)
             stats["kv_pages_total"] = self.engine.runner.block_manager.num_pages - 1
             stats["kv_pages_free"] = self.engine.runner.block_manager.num_free_pages
+            stats.update(self.engine.lora.stats())
         return stats
 
     def close(self, wait: bool = True) -> None:

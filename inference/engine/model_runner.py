@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lora.manager import LoRAManager
 from .block_manager import BlockManager
 from .cache import PagedCache
 from .config import EngineConfig
@@ -41,8 +42,9 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model, config: EngineConfig, device: torch.device):
+    def __init__(self, model, config: EngineConfig, device: torch.device, lora: LoRAManager | None = None):
         self.model = model
+        self.lora = lora
         self.device = device
         self.block_size = config.block_size
         self.spec = model.cache_spec()
@@ -122,7 +124,15 @@ class ModelRunner:
             slots=torch.tensor([seq.slot for seq in seqs], device=device) if self.spec.slot_groups else None,
             caches=self.cache.caches,
         )
-        hidden = self.model(ids, pos, ctx)  # [T, H]
+        adapters = [seq.lora for seq in seqs]
+        if self.lora is not None and any(adapters):
+            self.lora.set_batch(adapters, query_starts, device)
+            try:
+                hidden = self.model(ids, pos, ctx)  # [T, H]
+            finally:
+                self.lora.clear_batch()
+        else:
+            hidden = self.model(ids, pos, ctx)  # [T, H]
 
         rows = sample_rows + [
             r for _, targets, first in prompt_rows for r in range(first, first + len(targets))

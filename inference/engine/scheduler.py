@@ -10,6 +10,9 @@ When a running sequence needs a page and none is free, the newest running sequen
 preempted: its pages go back to the pool, its tokens (prompt and everything generated so far)
 stay with it, and it returns to the front of the waiting queue to recompute its cache later.
 No request is ever dropped.
+
+A request served with a LoRA adapter is admitted only when its adapter is, or can be, loaded
+(see inference/lora/manager.py); otherwise it waits, and so do the requests queued behind it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from ..lora.manager import LoRAManager
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
@@ -35,9 +39,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, lora: LoRAManager | None = None):
         self.config = config
         self.block_manager = block_manager
+        self.lora = lora
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -80,6 +85,10 @@ class Scheduler:
             count = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.can_grow(seq, seq.num_computed_tokens + count):
                 break
+            if seq.lora is not None:
+                if self.lora is None or not self.lora.acquire(seq.lora):
+                    break  # every loaded adapter is in use: wait until one is free
+                seq.lora_held = True
             self.waiting.popleft()
             self.block_manager.grow(seq, seq.num_computed_tokens + count)
             seq.status = SequenceStatus.RUNNING
@@ -92,6 +101,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._release_adapter(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -109,4 +119,10 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self._release_adapter(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_held:
+            self.lora.release(seq.lora)
+            seq.lora_held = False

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..detokenizer import IncrementalDetokenizer
+from ..lora.adapter import LoRAAdapter
 from ..outputs import CompletionOutput, RequestOutput, StreamEvent, TokenLogprobs
 from ..sampling_params import SamplingParams
 
@@ -48,6 +49,10 @@ class Sequence:
     generator: torch.Generator | None = None
     """This request's sampling randomness (seeded: same draws alone or in any batch)."""
     num_preemptions: int = 0
+    lora: LoRAAdapter | None = None
+    """The adapter this request is served with (None: the base model)."""
+    lora_held: bool = False
+    """Whether the request holds its adapter's place on the device (while it runs)."""
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None and self.logprobs is None:

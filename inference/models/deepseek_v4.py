@@ -44,6 +44,25 @@ _TOP_LEVEL_RENAMES = {
 }
 _SKIPPED_PREFIXES = ("mtp.",)
 
+# LoRA adapters name modules as transformers' DeepseekV4ForCausalLM does (PEFT wraps that model)
+# -> this model's names. transformers' o_a_proj is a grouped projection whose LoRA PEFT cannot
+# apply either, so it has no counterpart; routed experts are stacked parameters there.
+_LORA_NAMES = (
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.scorer\.weights_proj", r"layers.\1.attn.indexer.weights_proj"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.q_b_proj", r"layers.\1.attn.indexer.wq_b"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.kv_proj", r"layers.\1.attn.indexer.compressor.wkv"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.gate_proj", r"layers.\1.attn.indexer.compressor.wgate"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_proj", r"layers.\1.attn.compressor.wkv"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.gate_proj", r"layers.\1.attn.compressor.wgate"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj", r"layers.\1.attn.wq_a"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj", r"layers.\1.attn.wq_b"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_proj", r"layers.\1.attn.wkv"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_b_proj", r"layers.\1.attn.wo_b"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj", r"layers.\1.ffn.shared_experts.w1"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj", r"layers.\1.ffn.shared_experts.w3"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj", r"layers.\1.ffn.shared_experts.w2"),
+)
+
 
 class Block(nn.Module):
     """Attention and MoE, each entered and left through hyper-connections over hc_mult streams."""
@@ -84,6 +103,20 @@ def _merge(h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, x: torch.Ten
 
 class CitadelDeepseekV4(nn.Module):
     """DeepSeek-V4 causal LM: the engine's model interface (cache_spec, forward, compute_logits, load_weights)."""
+
+    lora_excluded = r"^head$|\.wo_a$|\.experts\.\d+\."
+    """Linears that serve no LoRA (inference/lora): the LM head, wo_a (read as a grouped weight), and the
+    routed experts (each sees only its own tokens, not the step's rows)."""
+
+    @staticmethod
+    def lora_module_name(name: str) -> str | None:
+        """A module's name in transformers' model (as PEFT saves it) -> its name here (None: none)."""
+        import re
+
+        for pattern, replacement in _LORA_NAMES:
+            if re.fullmatch(pattern, name):
+                return re.sub(pattern, replacement, name)
+        return None
 
     def __init__(self, config):
         super().__init__()

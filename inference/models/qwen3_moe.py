@@ -108,6 +108,14 @@ class Qwen3MoeModel(nn.Module):
 class Qwen3MoeForCausalLM(nn.Module):
     """The model interface of inference/engine (see its docstring): cache_spec, forward, compute_logits."""
 
+    lora_excluded = r"^lm_head$"
+    """Linears that serve no LoRA (inference/lora); the stacked experts are parameters, not linears."""
+
+    @staticmethod
+    def lora_module_name(name: str) -> str:
+        """A module's name in transformers' model (as PEFT saves it) -> its name here: the same."""
+        return name
+
     def __init__(self, config):
         super().__init__()
         self.config = config
