@@ -7,4 +7,5 @@ urlpatterns = [
     path("", include("citadel.accounts.urls")),
     path("", include("citadel.jobs.urls")),
     path("", include("citadel.residency.urls")),
+    path("", include("citadel.finetuning.urls")),
 ]

@@ -1,4 +1,4 @@
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
 from citadel.gateway import apis
 from citadel.gateway.fallback import not_found
@@ -8,5 +8,6 @@ urlpatterns = [
     path("models/<str:model_id>", apis.ModelRetrieveApi.as_view(), name="openai-model"),
     path("chat/completions", apis.ChatCompletionApi.as_view(), name="openai-chat-completions"),
     path("completions", apis.CompletionApi.as_view(), name="openai-completions"),
+    path("", include("citadel.finetuning.urls_openai")),
     re_path(r"^.*$", not_found),
 ]

@@ -15,6 +15,13 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS  comma-separated older public keys still trusted after a rotation
     CITADEL_AUDIT_CHECKPOINT_SECONDS  how often beat signs the audit chain's head (300)
     CITADEL_AUDIT_RETENTION_DAYS  purge audit records older than this, except legal holds (0: keep all)
+    CITADEL_FINETUNE_MAX_FILE_BYTES  largest fine-tuning upload (100 MiB)
+    CITADEL_FINETUNE_MAX_EXAMPLES  most examples in one training file (0: no limit)
+    CITADEL_FINETUNE_MAX_JOB_TOKENS  most tokens one job may train on, all epochs (50 million; 0: no limit)
+    CITADEL_FINETUNE_TEAM_TOKENS_30D  most tokens a team's jobs may train on in 30 days (0: no limit)
+    CITADEL_FINETUNE_MAX_ATTEMPTS  workers a job may be started on before a lost worker fails it (3)
+    CITADEL_FINETUNE_TIME_LIMIT_SECONDS  a training run is stopped and failed after this long (86400)
+    CITADEL_FINETUNE_DEVICE  the trainer's device on workers: auto, cpu or cuda (auto)
 """
 
 from pathlib import Path
@@ -48,6 +55,7 @@ INSTALLED_APPS = [
     "citadel.registry",
     "citadel.jobs",
     "citadel.gateway",
+    "citadel.finetuning",
     "frontend",
 ]
 
@@ -167,6 +175,14 @@ CITADEL_AUDIT_SIGNING_KEY = env.str("CITADEL_AUDIT_SIGNING_KEY", default="")
 CITADEL_AUDIT_SIGNING_KEY_FILE = None
 CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS = env.list("CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS", default=[])
 CITADEL_AUDIT_RETENTION_DAYS = env.int("CITADEL_AUDIT_RETENTION_DAYS", default=0)
+# LoRA fine-tuning (citadel.finetuning): upload and quota limits, checked before any GPU time.
+CITADEL_FINETUNE_MAX_FILE_BYTES = env.int("CITADEL_FINETUNE_MAX_FILE_BYTES", default=100 * 1024 * 1024)
+CITADEL_FINETUNE_MAX_EXAMPLES = env.int("CITADEL_FINETUNE_MAX_EXAMPLES", default=0)
+CITADEL_FINETUNE_MAX_JOB_TOKENS = env.int("CITADEL_FINETUNE_MAX_JOB_TOKENS", default=50_000_000)
+CITADEL_FINETUNE_TEAM_TOKENS_30D = env.int("CITADEL_FINETUNE_TEAM_TOKENS_30D", default=0)
+CITADEL_FINETUNE_MAX_ATTEMPTS = env.int("CITADEL_FINETUNE_MAX_ATTEMPTS", default=3)
+CITADEL_FINETUNE_TIME_LIMIT_SECONDS = env.int("CITADEL_FINETUNE_TIME_LIMIT_SECONDS", default=24 * 3600)
+CITADEL_FINETUNE_DEVICE = env.str("CITADEL_FINETUNE_DEVICE", default="auto")
 
 from citadel.settings.celery import *  # noqa: E402,F403
 from citadel.settings.logging import *  # noqa: E402,F403

@@ -42,6 +42,8 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(_data_dir / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "workers-mark-stale": {"task": "citadel.registry.workers_mark_stale", "schedule": 15.0},
     "jobs-redispatch-queued": {"task": "citadel.jobs.redispatch_queued", "schedule": 30.0},
+    # Fine-tuning jobs whose worker died go back to the queue (resume from checkpoint) or fail.
+    "finetuning-recover": {"task": "citadel.finetuning.recover", "schedule": 15.0},
     # Sign the audit chain's head; purge audit records past CITADEL_AUDIT_RETENTION_DAYS (if set).
     "audit-checkpoint": {"task": "citadel.audit.checkpoint",
                          "schedule": env.float("CITADEL_AUDIT_CHECKPOINT_SECONDS", default=300.0)},
