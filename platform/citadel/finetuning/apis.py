@@ -73,12 +73,12 @@ def _job_create(request, body) -> FineTuningJob:
         raise
 
 
-def _file_upload(request) -> File:
+def _file_upload(request, *, default_purpose: str = "") -> File:
     try:
         upload = request.FILES.get("file")
         if upload is None:
             raise InvalidRequest("Send the dataset as the multipart field `file`.", param="file")
-        return services.file_upload(upload=upload, purpose=request.data.get("purpose") or "",
+        return services.file_upload(upload=upload, purpose=request.data.get("purpose") or default_purpose,
                                     model_name=request.data.get("model") or None, subject=request_subject(request),
                                     actor=Actor.for_request(request), user=request.user, api_key=_api_key(request),
                                     request=request)
@@ -261,7 +261,8 @@ class ManagementFileListApi(APIView):
 
     @extend_schema(request={"multipart/form-data": FineTuningFileUploadInput}, responses={201: FineTuningFileOutput})
     def post(self, request):
-        return Response(FineTuningFileOutput(_file_upload(request)).data, status=status.HTTP_201_CREATED)
+        file = _file_upload(request, default_purpose=File.Purpose.FINE_TUNE)
+        return Response(FineTuningFileOutput(file).data, status=status.HTTP_201_CREATED)
 
 
 class ManagementFileDetailApi(APIView):
