@@ -469,7 +469,7 @@ def test_a_key_carries_its_team_and_data_class(world):
     bob = get_user_model().objects.create_user("bob", password="x" * 16)
     client.force_login(bob)
     refused = client.post("/api/v1/keys/", {"name": "k", "team": "clinic"}, content_type="application/json")
-    assert refused.status_code == 400 and refused.json()["field"] == "team"
+    assert refused.status_code == 404 and refused.json()["field"] == "team"  # not a member: not even named
     default = client.post("/api/v1/keys/", {"name": "k2"}, content_type="application/json").json()
     assert default["team"] is None and default["data_class"] == "internal"
 

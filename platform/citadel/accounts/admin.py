@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from citadel.accounts.models import ApiKey, Team
+from citadel.accounts.models import ApiKey, LoginLock, Membership, Team
 
 
 @admin.register(ApiKey)
@@ -12,7 +12,25 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return False  # keys are created through the API, console or `citadel keys create`
 
 
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+
+
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
     list_display = ["name", "created_at"]
-    filter_horizontal = ["members"]
+    inlines = [MembershipInline]
+
+
+@admin.register(LoginLock)
+class LoginLockAdmin(admin.ModelAdmin):
+    """Read-only: locks are lifted through the management API, which audits it."""
+
+    list_display = ["kind", "key", "until", "created_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -1,4 +1,7 @@
-"""Teams and API keys: what internal applications send as `Authorization: Bearer <key>`.
+"""Teams, memberships with roles, and API keys: what internal applications send as `Authorization: Bearer <key>`.
+
+A user's roles come from their memberships (citadel.accounts.permissions decides what each role may do);
+Django's is_staff / is_superuser flags make a platform administrator, who sees every team.
 
 A key belongs to a user and, optionally, to a team, and carries a data class: together they
 pick the residency policy that governs every request made with it (citadel.residency).
@@ -14,12 +17,23 @@ from django.db import models
 from citadel.residency.models import default_data_class_id
 
 
+class Role(models.TextChoices):
+    """What a member may do in their team (see citadel.accounts.permissions for the exact rules)."""
+
+    ADMIN = "admin", "Team administrator"
+    OPERATOR = "operator", "Operator"
+    ML_ENGINEER = "ml_engineer", "ML engineer"
+    AUDITOR = "auditor", "Auditor"
+    APPLICATION = "application", "Application"
+
+
 class Team(models.Model):
-    """A group of users whose data a residency policy governs (roles come with the identity issue)."""
+    """A group of users whose data a residency policy governs and whose objects only its members see."""
 
     name = models.SlugField(max_length=64, unique=True)
     description = models.TextField(blank=True)
-    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams",
+                                     through="Membership")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -27,6 +41,39 @@ class Team(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Membership(models.Model):
+    """A user in a team with one role. Kept in the table the plain many-to-many used before roles, so
+    `team.members` still works; a member added that way is an ML engineer."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.ML_ENGINEER)
+    source = models.CharField(max_length=16, default="local",
+                              help_text="'local' when granted in Citadel, 'oidc' when mapped from the identity "
+                                        "provider's groups at login (and replaced at the next login).")
+
+    class Meta:
+        db_table = "accounts_team_members"
+        unique_together = [("team", "user")]
+        ordering = ["team__name", "user__username"]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} as {self.role}"
+
+
+class EndpointGroup(models.TextChoices):
+    """What an API key may call: a key is scoped to one or more of these."""
+
+    INFERENCE = "inference", "Inference (/v1 models, chat, completions)"
+    FILES = "files", "Files (/v1/files)"
+    FINE_TUNING = "fine_tuning", "Fine-tuning (/v1/fine_tuning)"
+    MANAGEMENT = "management", "Management API (/api/v1)"
+
+
+def all_endpoint_groups() -> list[str]:
+    return list(EndpointGroup.values)
 
 
 class ApiKey(models.Model):
@@ -43,6 +90,10 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     last_used_from = models.GenericIPAddressField(null=True, blank=True)
+    scopes = models.JSONField(default=all_endpoint_groups,
+                              help_text="Endpoint groups the key may call (see EndpointGroup).")
+    allowed_models = models.JSONField(default=list, blank=True,
+                                      help_text="Model names the key may use; empty: every model its team may use.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -57,3 +108,52 @@ class ApiKey(models.Model):
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or self.expires_at > timezone.now()
+
+    def allows_model(self, name: str) -> bool:
+        return not self.allowed_models or name in self.allowed_models
+
+
+class LoginFailure(models.Model):
+    """One refused password, kept to count failures per account and per address (see login_failure_register)."""
+
+    username = models.CharField(max_length=150, db_index=True)
+    address = models.GenericIPAddressField(null=True, blank=True, db_index=True)
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.username} from {self.address} at {self.at}"
+
+
+class LoginLock(models.Model):
+    """An account (kind 'account', key the username) or an address (kind 'address') refused until `until`."""
+
+    class Kind(models.TextChoices):
+        ACCOUNT = "account"
+        ADDRESS = "address"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    key = models.CharField(max_length=150)
+    until = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        unique_together = [("kind", "key")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.key} until {self.until}"
+
+
+class TotpDevice(models.Model):
+    """A user's TOTP secret (RFC 6238, 30 s, 6 digits, SHA-1: what authenticator apps expect).
+
+    `last_step` is the time step of the last accepted code, so a code is accepted once only.
+    """
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="totp_device")
+    secret = models.CharField(max_length=64, help_text="Base32, as in the otpauth URI.")
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    last_step = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"TOTP of {self.user}"

@@ -1,4 +1,7 @@
-"""Writes for accounts: teams, API keys and the first admin account."""
+"""Writes for accounts: teams, memberships and roles, API keys and the first admin account.
+
+Every change to who may do what is audited in the same transaction (fail closed).
+"""
 
 import hashlib
 import hmac
@@ -12,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from citadel.accounts.models import ApiKey, Team
+from citadel.accounts.models import ApiKey, EndpointGroup, Membership, Role, Team
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 
@@ -47,17 +50,73 @@ def team_create(*, name: str, actor: Actor, description: str = "", members=(), r
 
 
 @transaction.atomic
+def membership_set(*, team: Team, user, role: str, actor: Actor, source: str = "local", request=None) -> Membership:
+    """Put `user` in `team` with `role`, or change their role there."""
+    if role not in Role.values:
+        raise InvalidRequest(f"role {role!r} is not one of {', '.join(Role.values)}.", param="role")
+    membership = Membership.objects.select_for_update().filter(team=team, user=user).first()
+    before = membership.role if membership else None
+    if membership is None:
+        membership = Membership.objects.create(team=team, user=user, role=role, source=source)
+    elif membership.role != role or membership.source != source:
+        membership.role, membership.source = role, source
+        membership.save(update_fields=["role", "source"])
+    else:
+        return membership
+    audit_record(actor=actor, action="team.member.set", outcome="success", target_type="team", target_id=team.name,
+                 request=request, details={"user": user.get_username(), "role": role, "previous_role": before,
+                                           "source": source})
+    return membership
+
+
+@transaction.atomic
+def membership_remove(*, team: Team, user, actor: Actor, request=None) -> None:
+    deleted, _ = Membership.objects.filter(team=team, user=user).delete()
+    if not deleted:
+        raise NotFound(f"{user.get_username()} is not a member of team '{team.name}'.")
+    audit_record(actor=actor, action="team.member.remove", outcome="success", target_type="team",
+                 target_id=team.name, request=request, details={"user": user.get_username()})
+
+
+def _clean_scopes(scopes) -> list[str]:
+    scopes = list(dict.fromkeys(scopes))
+    unknown = sorted(set(scopes) - set(EndpointGroup.values))
+    if unknown or not scopes:
+        raise InvalidRequest(f"scopes must be a non-empty list of {', '.join(EndpointGroup.values)}"
+                             + (f"; unknown: {', '.join(unknown)}." if unknown else "."), param="scopes")
+    return scopes
+
+
+def _clean_models(names) -> list[str]:
+    from citadel.registry.models import Model
+
+    names = sorted(set(names))
+    missing = sorted(set(names) - set(Model.objects.filter(name__in=names).values_list("name", flat=True)))
+    if missing:
+        raise NotFound(f"No model named {', '.join(missing)}.", param="allowed_models")
+    return names
+
+
+@transaction.atomic
 def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None = None, team: Team | None = None,
-                   data_class=None, request=None) -> CreatedKey:
-    """A new key for `user`, of `team` (the user must be a member) and `data_class` (default internal):
-    together they pick the residency policy of every request made with it."""
+                   data_class=None, scopes=None, allowed_models=(), request=None) -> CreatedKey:
+    """A new key for `user`, of `team` (the user must be a member, not as an auditor) and `data_class`
+    (default internal): together they pick the residency policy of every request made with it.
+    `scopes` (default: every endpoint group) and `allowed_models` (default: all) narrow what it may call."""
     from citadel.residency.models import DEFAULT_DATA_CLASS, DataClass
 
     name = (name or "").strip()
     if not name:
         raise InvalidRequest("name must not be empty: give the key a name that says what uses it.", param="name")
-    if team is not None and not team.members.filter(pk=user.pk).exists():
-        raise InvalidRequest(f"{user.get_username()} is not a member of team '{team.name}'.", param="team")
+    if team is not None:
+        membership = Membership.objects.filter(team=team, user=user).first()
+        if membership is None:
+            raise InvalidRequest(f"{user.get_username()} is not a member of team '{team.name}'.", param="team")
+        if membership.role == Role.AUDITOR:
+            raise InvalidRequest(f"{user.get_username()} is an auditor in team '{team.name}'; auditors hold no "
+                                 "API keys.", param="team")
+    scopes = _clean_scopes(EndpointGroup.values if scopes is None else scopes)
+    allowed_models = _clean_models(allowed_models or ())
     data_class = data_class or DataClass.objects.get(name=DEFAULT_DATA_CLASS)
     if expires_in_days is not None and expires_in_days <= 0:
         raise InvalidRequest("expires_in_days must be a positive number of days.", param="expires_in_days")
@@ -65,7 +124,7 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
     key = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
     expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
     api_key = ApiKey.objects.create(user=user, name=name, prefix=prefix, digest=_digest(key), expires_at=expires_at,
-                                    team=team, data_class=data_class)
+                                    team=team, data_class=data_class, scopes=scopes, allowed_models=allowed_models)
     audit_record(
         actor=actor,
         action="api_key.create",
@@ -74,9 +133,34 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
         target_id=prefix,
         request=request,
         details={"name": name, "user": user.get_username(), "expires_at": expires_at and expires_at.isoformat(),
-                 "team": team.name if team else None, "data_class": data_class.name},
+                 "team": team.name if team else None, "data_class": data_class.name, "scopes": scopes,
+                 "allowed_models": allowed_models},
     )
     return CreatedKey(api_key=api_key, key=key)
+
+
+@transaction.atomic
+def api_key_update(*, api_key: ApiKey, actor: Actor, scopes=None, allowed_models=None, expires_at=None,
+                   request=None) -> ApiKey:
+    """Narrow or widen what a key may call, or move its expiry; a revoked key stays revoked."""
+    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if api_key.revoked_at is not None:
+        raise Conflict(f"API key {api_key.prefix} is revoked; create a new one.")
+    changes = {}
+    if scopes is not None:
+        changes["scopes"] = _clean_scopes(scopes)
+    if allowed_models is not None:
+        changes["allowed_models"] = _clean_models(allowed_models)
+    if expires_at is not None:
+        changes["expires_at"] = expires_at
+    for field, value in changes.items():
+        setattr(api_key, field, value)
+    if changes:
+        api_key.save(update_fields=list(changes))
+        audit_record(actor=actor, action="api_key.update", outcome="success", target_type="api_key",
+                     target_id=api_key.prefix, request=request,
+                     details={k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in changes.items()})
+    return api_key
 
 
 @transaction.atomic

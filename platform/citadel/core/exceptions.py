@@ -46,6 +46,23 @@ class Conflict(CitadelError):
     status = 409
 
 
+class RateLimited(CitadelError):
+    """Over a quota (citadel.quotas): 429 with Retry-After, the seconds until a retry can succeed."""
+
+    status = 429
+    error_type = "requests"  # OpenAI's: "requests" or "tokens" for rate limits, "insufficient_quota" for quotas
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None, code: str | None = None,
+                 error_type: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+        if code == "insufficient_quota":
+            self.error_type = "insufficient_quota"
+        if error_type is not None:
+            self.error_type = error_type
+
+
 class ServiceUnavailable(CitadelError):
     status = 503
     error_type = "service_unavailable"

@@ -1,5 +1,7 @@
 """The one exception handler: domain and DRF errors to HTTP, OpenAI's error shape under /v1."""
 
+import math
+
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
@@ -75,4 +77,6 @@ def api_exception_handler(exc, context):
         response = Response(body, status=error.status)
     if error.status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="citadel"'
+    if getattr(error, "retry_after", None) is not None:
+        response["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return response

@@ -12,8 +12,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from citadel.accounts.authentication import ApiKeyAuthentication
+from citadel.accounts.models import EndpointGroup
+from citadel.accounts.permissions import USE_ROLES, api_key_of
 from citadel.audit.services import Actor, audit_record
-from citadel.core.exceptions import CitadelError, NotFound, ServiceUnavailable
+from citadel.core.exceptions import CitadelError, NotFound, PermissionDenied, ServiceUnavailable
 from citadel.gateway.openai_format import completion_body
 from citadel.gateway.serializers import ChatCompletionInput, CompletionInput
 from citadel.gateway.streaming import job_event_stream
@@ -27,6 +29,9 @@ from citadel.residency.services import request_subject
 class OpenAIApi(APIView):
     authentication_classes = [ApiKeyAuthentication]
     schema = None  # documented by OpenAI's own reference, not the management schema
+    # Roles, key scopes and quotas: citadel.accounts.permissions.RoleAccess and citadel.quotas (the defaults).
+    endpoint_group = EndpointGroup.INFERENCE
+    write_roles = USE_ROLES
 
 
 def _model_body(model) -> dict:
@@ -35,13 +40,16 @@ def _model_body(model) -> dict:
 
 class ModelListApi(OpenAIApi):
     def get(self, request):
-        return Response({"object": "list", "data": [_model_body(m) for m in models_deployed()]})
+        api_key = api_key_of(request)
+        models = [m for m in models_deployed() if api_key is None or api_key.allows_model(m.name)]
+        return Response({"object": "list", "data": [_model_body(m) for m in models]})
 
 
 class ModelRetrieveApi(OpenAIApi):
     def get(self, request, model_id: str):
         model = models_deployed().filter(name=model_id).first()
-        if model is None:
+        api_key = api_key_of(request)
+        if model is None or (api_key is not None and not api_key.allows_model(model.name)):
             raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return Response(_model_body(model))
 
@@ -49,6 +57,9 @@ class ModelRetrieveApi(OpenAIApi):
 def run_job(request, data, *, kind: str):
     """Submit the validated request and answer it, streamed or whole. Shared with the console."""
     api_key = request.auth if hasattr(request.auth, "prefix") else None
+    if api_key is not None and not api_key.allows_model(data.validated_data["model"]):
+        raise PermissionDenied(f"This API key may not use the model '{data.validated_data['model']}' (its models: "
+                               f"{', '.join(api_key.allowed_models)}).", param="model", code="model_not_allowed")
     payload = data.payload()
     adapter = model_adapter(name=data.validated_data["model"])
     if adapter is not None:  # a fine-tuned model: its base's deployment runs it with this adapter

@@ -1,10 +1,11 @@
-"""Management API for inference jobs: a user sees their own, staff see all."""
+"""Management API for inference jobs: a user sees their teams' jobs and their own, platform admins all."""
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from citadel.accounts.permissions import object_get, scope
 from citadel.jobs.models import InferenceJob
 
 
@@ -22,7 +23,12 @@ class JobOutput(serializers.ModelSerializer):
 class JobListApi(APIView):
     @extend_schema(responses=JobOutput(many=True))
     def get(self, request):
-        jobs = InferenceJob.objects.select_related("model", "pool")
-        if not request.user.is_staff:
-            jobs = jobs.filter(user=request.user)
+        jobs = scope(request.user, InferenceJob.objects.select_related("model", "pool"))
         return Response(JobOutput(jobs[:200], many=True).data)
+
+
+class JobDetailApi(APIView):
+    @extend_schema(responses=JobOutput)
+    def get(self, request, job_id):
+        job = object_get(request.user, InferenceJob.objects.select_related("model", "pool"), what="job", id=job_id)
+        return Response(JobOutput(job).data)

@@ -1,22 +1,16 @@
 """Management API for the registry: thin views over services and selectors."""
 
 from drf_spectacular.utils import extend_schema
-from rest_framework import permissions, serializers, status
+from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from citadel.accounts.permissions import REGISTRY_ROLES
 from citadel.audit.services import Actor
 from citadel.core.exceptions import NotFound
 from citadel.registry import services
 from citadel.registry.models import Deployment, Model, Worker, WorkerPool
 from citadel.registry.selectors import model_get
-
-
-class StaffWrites(permissions.BasePermission):
-    """Any signed-in user reads; only staff change the registry (roles come with the identity issue)."""
-
-    def has_permission(self, request, view):
-        return request.method in permissions.SAFE_METHODS or bool(request.user and request.user.is_staff)
 
 
 class ModelOutput(serializers.ModelSerializer):
@@ -54,7 +48,7 @@ class WorkerOutput(serializers.ModelSerializer):
 
 
 class ModelListCreateApi(APIView):
-    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+    write_roles = REGISTRY_ROLES  # operators and platform administrators (citadel.accounts.permissions)
 
     class ModelRegisterInput(serializers.Serializer):
         name = serializers.CharField(max_length=100)
@@ -76,7 +70,7 @@ class ModelListCreateApi(APIView):
 class ModelTeamsApi(APIView):
     """PUT the teams that use a model; deployments must then suit their residency policies."""
 
-    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+    write_roles = REGISTRY_ROLES  # operators and platform administrators (citadel.accounts.permissions)
 
     class ModelTeamsInput(serializers.Serializer):
         teams = serializers.ListField(child=serializers.CharField(), allow_empty=True)
@@ -98,7 +92,7 @@ class ModelTeamsApi(APIView):
 
 
 class PoolListCreateApi(APIView):
-    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+    write_roles = REGISTRY_ROLES  # operators and platform administrators (citadel.accounts.permissions)
 
     class PoolCreateInput(serializers.Serializer):
         name = serializers.CharField(max_length=64)
@@ -120,7 +114,7 @@ class PoolListCreateApi(APIView):
 
 
 class DeploymentListCreateApi(APIView):
-    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+    write_roles = REGISTRY_ROLES  # operators and platform administrators (citadel.accounts.permissions)
 
     class DeploymentCreateInput(serializers.Serializer):
         model = serializers.CharField()
@@ -146,7 +140,7 @@ class DeploymentListCreateApi(APIView):
 
 
 class DeploymentRetireApi(APIView):
-    permission_classes = [permissions.IsAuthenticated, StaffWrites]
+    write_roles = REGISTRY_ROLES  # operators and platform administrators (citadel.accounts.permissions)
 
     @extend_schema(request=None, responses=DeploymentOutput)
     def post(self, request, pk: int):

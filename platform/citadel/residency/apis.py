@@ -1,12 +1,15 @@
-"""Management API for residency: sites, data classes and policies (administrators), the dry run
-(anyone authenticated) and the record of processing activities (administrators)."""
+"""Management API for residency: sites, data classes and policies (platform administrators change them,
+auditors read them; an auditor sees the policies of their teams and the ones for every team), the dry
+run (anyone who may use models) and the record of processing activities (administrators, auditors)."""
 
+from django.db.models import Q
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import permissions, renderers, serializers, status
+from rest_framework import renderers, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from citadel.accounts.permissions import OVERSIGHT_ROLES, USE_ROLES, is_platform_admin, team_ids
 from citadel.audit.services import Actor
 from citadel.core.exceptions import NotFound
 from citadel.registry.selectors import model_get
@@ -92,7 +95,7 @@ def _get(model, param: str, **lookup):
 
 
 class SiteListCreateApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
 
     @extend_schema(responses=SiteSerializer(many=True))
     def get(self, request):
@@ -107,7 +110,7 @@ class SiteListCreateApi(APIView):
 
 
 class SiteDetailApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
 
     @extend_schema(responses=SiteSerializer)
     def get(self, request, name: str):
@@ -129,7 +132,7 @@ class SiteDetailApi(APIView):
 
 
 class DataClassListCreateApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
 
     @extend_schema(responses=DataClassSerializer(many=True))
     def get(self, request):
@@ -145,7 +148,7 @@ class DataClassListCreateApi(APIView):
 
 
 class DataClassDetailApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
 
     @extend_schema(responses=DataClassSerializer)
     def get(self, request, name: str):
@@ -167,16 +170,20 @@ class DataClassDetailApi(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-def _policies():
-    return Policy.objects.select_related("team", "data_class").prefetch_related("processing_sites", "storage_sites")
+def _policies(user=None):
+    policies = Policy.objects.select_related("team", "data_class").prefetch_related("processing_sites",
+                                                                                    "storage_sites")
+    if user is None or is_platform_admin(user):
+        return policies
+    return policies.filter(Q(team__isnull=True) | Q(team__in=team_ids(user)))
 
 
 class PolicyListCreateApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
 
     @extend_schema(responses=PolicyOutput(many=True))
     def get(self, request):
-        return Response(PolicyOutput(_policies(), many=True).data)
+        return Response(PolicyOutput(_policies(request.user), many=True).data)
 
     @extend_schema(request=PolicyInput, responses={201: PolicyOutput})
     def post(self, request):
@@ -188,11 +195,14 @@ class PolicyListCreateApi(APIView):
 
 
 class PolicyDetailApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
 
     @extend_schema(responses=PolicyOutput)
     def get(self, request, pk: int):
-        return Response(PolicyOutput(_get(Policy, "id", pk=pk)).data)
+        policy = _policies(request.user).filter(pk=pk).first()
+        if policy is None:
+            raise NotFound(f"No policy {pk!r}.", param="id")
+        return Response(PolicyOutput(policy).data)
 
     @extend_schema(request=PolicyInput, responses=PolicyOutput)
     def patch(self, request, pk: int):
@@ -211,6 +221,8 @@ class PolicyDetailApi(APIView):
 
 class DryRunApi(APIView):
     """Would this request be allowed, and where would it run? Nothing is dispatched or recorded."""
+
+    write_roles = USE_ROLES
 
     class DryRunInput(serializers.Serializer):
         model = serializers.CharField()
@@ -253,7 +265,7 @@ class CsvRenderer(renderers.BaseRenderer):
 class RopaApi(APIView):
     """The record of processing activities, from policies and usage: JSON, or CSV with ?format=csv."""
 
-    permission_classes = [permissions.IsAdminUser]
+    read_roles, write_roles = OVERSIGHT_ROLES, frozenset()  # citadel.accounts.permissions
     renderer_classes = [renderers.JSONRenderer, renderers.BrowsableAPIRenderer, CsvRenderer]
 
     @extend_schema(responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "text/csv"): OpenApiTypes.STR})

@@ -22,6 +22,15 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_FINETUNE_MAX_ATTEMPTS  workers a job may be started on before a lost worker fails it (3)
     CITADEL_FINETUNE_TIME_LIMIT_SECONDS  a training run is stopped and failed after this long (86400)
     CITADEL_FINETUNE_DEVICE  the trainer's device on workers: auto, cpu or cuda (auto)
+    CITADEL_QUOTA_REDIS_URL  Redis for the per-minute quota windows (default: CELERY_BROKER_URL when it
+                         is Redis; otherwise the database counts them)
+    CITADEL_SESSION_IDLE_SECONDS  a console session ends after this long without a request (1800)
+    CITADEL_LOGIN_MAX_FAILURES / CITADEL_LOGIN_ADDRESS_MAX_FAILURES / CITADEL_LOGIN_FAILURE_WINDOW_SECONDS /
+    CITADEL_LOGIN_LOCKOUT_SECONDS  password failures per account (5) and per address (20) within the window
+                         (3600 s) that lock the account or address for the cool-off (900 s)
+    CITADEL_MFA_REQUIRED  console sign-ins of administrators and operators need TOTP (true)
+    CITADEL_OIDC_ISSUER, CITADEL_OIDC_CLIENT_ID, CITADEL_OIDC_CLIENT_SECRET  single sign-on (off when unset);
+    CITADEL_OIDC_GROUPS_CLAIM (groups), CITADEL_OIDC_SCOPES ("openid email profile groups")
 """
 
 from pathlib import Path
@@ -51,6 +60,7 @@ INSTALLED_APPS = [
     "citadel.core",
     "citadel.audit",
     "citadel.accounts",
+    "citadel.quotas",
     "citadel.residency",
     "citadel.registry",
     "citadel.jobs",
@@ -122,7 +132,9 @@ LOGOUT_REDIRECT_URL = "frontend:login"
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
-SESSION_COOKIE_AGE = env.int("SESSION_COOKIE_AGE", default=8 * 3600)
+# Idle expiry: every request saves the session, so its age counts from the last request.
+SESSION_COOKIE_AGE = env.int("CITADEL_SESSION_IDLE_SECONDS", default=30 * 60)
+SESSION_SAVE_EVERY_REQUEST = True
 SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -147,7 +159,9 @@ REST_FRAMEWORK = {
         "citadel.accounts.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Roles, API-key scopes and auditors' read-only rule (citadel.accounts.permissions); quotas per key and team.
+    "DEFAULT_PERMISSION_CLASSES": ["citadel.accounts.permissions.RoleAccess"],
+    "DEFAULT_THROTTLE_CLASSES": ["citadel.quotas.throttles.QuotaThrottle"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "citadel.core.handlers.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -175,6 +189,19 @@ CITADEL_AUDIT_SIGNING_KEY = env.str("CITADEL_AUDIT_SIGNING_KEY", default="")
 CITADEL_AUDIT_SIGNING_KEY_FILE = None
 CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS = env.list("CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS", default=[])
 CITADEL_AUDIT_RETENTION_DAYS = env.int("CITADEL_AUDIT_RETENTION_DAYS", default=0)
+
+# Identity and access (citadel.accounts, citadel.quotas, citadel.sso).
+AUTHENTICATION_BACKENDS = ["citadel.accounts.backends.LockoutModelBackend"]
+CITADEL_LOGIN_MAX_FAILURES = env.int("CITADEL_LOGIN_MAX_FAILURES", default=5)
+CITADEL_LOGIN_ADDRESS_MAX_FAILURES = env.int("CITADEL_LOGIN_ADDRESS_MAX_FAILURES", default=20)
+CITADEL_LOGIN_FAILURE_WINDOW_SECONDS = env.int("CITADEL_LOGIN_FAILURE_WINDOW_SECONDS", default=3600)
+CITADEL_LOGIN_LOCKOUT_SECONDS = env.int("CITADEL_LOGIN_LOCKOUT_SECONDS", default=900)
+CITADEL_MFA_REQUIRED = env.bool("CITADEL_MFA_REQUIRED", default=True)
+CITADEL_OIDC_ISSUER = env.str("CITADEL_OIDC_ISSUER", default="")
+CITADEL_OIDC_CLIENT_ID = env.str("CITADEL_OIDC_CLIENT_ID", default="")
+CITADEL_OIDC_CLIENT_SECRET = env.str("CITADEL_OIDC_CLIENT_SECRET", default="")
+CITADEL_OIDC_GROUPS_CLAIM = env.str("CITADEL_OIDC_GROUPS_CLAIM", default="groups")
+CITADEL_OIDC_SCOPES = env.str("CITADEL_OIDC_SCOPES", default="openid email profile groups")
 # LoRA fine-tuning (citadel.finetuning): upload and quota limits, checked before any GPU time.
 CITADEL_FINETUNE_MAX_FILE_BYTES = env.int("CITADEL_FINETUNE_MAX_FILE_BYTES", default=100 * 1024 * 1024)
 CITADEL_FINETUNE_MAX_EXAMPLES = env.int("CITADEL_FINETUNE_MAX_EXAMPLES", default=0)
@@ -185,4 +212,8 @@ CITADEL_FINETUNE_TIME_LIMIT_SECONDS = env.int("CITADEL_FINETUNE_TIME_LIMIT_SECON
 CITADEL_FINETUNE_DEVICE = env.str("CITADEL_FINETUNE_DEVICE", default="auto")
 
 from citadel.settings.celery import *  # noqa: E402,F403
+from citadel.settings.celery import CELERY_BROKER_URL  # noqa: E402
+
+CITADEL_QUOTA_REDIS_URL = env.str(
+    "CITADEL_QUOTA_REDIS_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "")
 from citadel.settings.logging import *  # noqa: E402,F403
