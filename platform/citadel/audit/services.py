@@ -259,20 +259,75 @@ def _previous_boundary_hash(boundary: int) -> str:
     return previous.boundary_prev_hash
 
 
-def audit_purge(*, older_than_days: int, actor: Actor, now: datetime | None = None) -> AuditPurge | None:
-    """Delete records older than `older_than_days` that no legal hold covers; None when none qualify.
+def _with_data_class(records):
+    """`records` annotated with `record_class`: the data class their details name ("" when none).
+
+    It is in `data_class`, or in `residency.data_class` for the records of residency decisions. A
+    missing key must read as "" rather than NULL, or SQL's three-valued logic would make a negated
+    filter keep records it should delete.
+    """
+    from django.db.models import TextField, Value
+    from django.db.models.fields.json import KeyTextTransform, KeyTransform
+    from django.db.models.functions import Coalesce
+
+    return records.annotate(record_class=Coalesce(
+        KeyTextTransform("data_class", "details"),
+        KeyTextTransform("data_class", KeyTransform("residency", "details")),
+        Value(""), output_field=TextField()))
+
+
+def retention_rules(default_days: int | None) -> tuple[int | None, dict[str, int]]:
+    """(default days, {data class: days}) from the argument and each data class's audit_retention_days.
+
+    None or 0 means "keep forever". A class without its own setting follows the default.
+    """
+    from citadel.residency.models import DataClass
+
+    classes = dict(DataClass.objects.filter(audit_retention_days__isnull=False)
+                   .values_list("name", "audit_retention_days"))
+    return (default_days or None), classes
+
+
+def _kept_by_retention(now: datetime, default_days: int | None, classes: dict[str, int]) -> Q | None:
+    """Records (annotated by _with_data_class) whose retention has not run out at `now`."""
+    kept = []
+    for name, days in classes.items():
+        of_class = Q(record_class=name)
+        kept.append(of_class if days == 0 else of_class & Q(created_at__gte=now - timedelta(days=days)))
+    unclassified = ~Q(record_class__in=list(classes))
+    kept.append(unclassified if default_days is None
+                else unclassified & Q(created_at__gte=now - timedelta(days=default_days)))
+    result = kept[0]
+    for q in kept[1:]:
+        result |= q
+    return result
+
+
+def audit_purge(*, older_than_days: int | None, actor: Actor, now: datetime | None = None) -> AuditPurge | None:
+    """Delete the records whose retention has run out and that no legal hold covers; None when none qualify.
+
+    Retention is `older_than_days` (None or 0: keep forever) for records of no data class or of a
+    class without its own setting, and each data class's `audit_retention_days` (0: forever) for
+    the records about that class (details.data_class or details.residency.data_class). The purge
+    boundary is the first record younger than the shortest retention; below it, held records and
+    records whose class keeps them longer stay and are listed in the signed manifest.
 
     The chain must verify first (a purge must not launder tampering). The purge then signs a
-    manifest of where the kept chain starts (the boundary and its prev_hash) and which held
-    records remain below it, audits itself and deletes the rest through the guard trigger's purge
-    switch, all in one transaction. Verification afterwards starts at the boundary (verification.py).
+    manifest of where the kept chain starts (the boundary and its prev_hash) and which records
+    remain below it, audits itself and deletes the rest through the guard trigger's purge switch,
+    all in one transaction. Verification afterwards starts at the boundary (verification.py).
     """
     from citadel.audit.signing import sign
     from citadel.audit.verification import chain_verify
 
-    if older_than_days < 1:
-        raise InvalidRequest("older_than_days must be at least 1.", param="older_than_days")
-    cutoff = (now or timezone.now()) - timedelta(days=older_than_days)
+    if older_than_days is not None and older_than_days < 0:
+        raise InvalidRequest("older_than_days must be 0 (keep forever) or more.", param="older_than_days")
+    now = now or timezone.now()
+    default_days, classes = retention_rules(older_than_days)
+    finite = [days for days in (default_days, *classes.values()) if days]
+    if not finite:
+        return None  # everything is kept forever
+    cutoff = now - timedelta(days=min(finite))
     alias = _db_alias()
     connection = connections[alias]
     with transaction.atomic(using=alias):
@@ -286,19 +341,23 @@ def audit_purge(*, older_than_days: int, actor: Actor, now: datetime | None = No
         first_kept = (AuditRecord.objects.filter(created_at__gte=cutoff).order_by("sequence")
                       .values_list("sequence", flat=True).first())
         boundary = first_kept if first_kept is not None else head_sequence + 1
-        below = AuditRecord.objects.filter(sequence__lt=boundary)
-        held = _held()
-        doomed = below.exclude(held) if held is not None else below
+        below = _with_data_class(AuditRecord.objects.filter(sequence__lt=boundary))
+        held, by_retention = _held(), _kept_by_retention(now, default_days, classes)
+        kept = by_retention if held is None else (held if by_retention is None else held | by_retention)
+        doomed = below.exclude(kept) if kept is not None else below
         if boundary <= 1 or not doomed.exists():
             return None
-        retained = list(below.filter(held).values_list("sequence", "record_hash")) if held is not None else []
+        retained = list(below.filter(kept).order_by("sequence").values_list("sequence", "record_hash")) \
+            if kept is not None else []
+        held_count = below.filter(held).count() if held is not None else 0
         boundary_prev_hash = AuditRecord.objects.filter(sequence=boundary - 1).values_list("record_hash", flat=True)
         boundary_prev_hash = boundary_prev_hash.first() or _previous_boundary_hash(boundary)
         doomed_count = doomed.count()
         # Audited first, so the chain goes on at or after the boundary even when every older record goes.
         audit_record(actor=actor, action="audit.purge", outcome="success", target_type="audit_log",
-                     details={"cutoff": chain.format_time(cutoff), "older_than_days": older_than_days,
-                              "boundary_sequence": boundary, "deleted": doomed_count, "retained": len(retained)})
+                     details={"cutoff": chain.format_time(cutoff), "older_than_days": default_days or 0,
+                              "class_retention_days": classes, "boundary_sequence": boundary,
+                              "deleted": doomed_count, "retained": len(retained), "held": held_count})
         with connection.cursor() as cursor:
             if connection.vendor == "postgresql":
                 cursor.execute("SELECT set_config(%s, %s, true)", [PURGE_SETTING, str(boundary)])

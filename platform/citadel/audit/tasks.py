@@ -15,9 +15,12 @@ def audit_checkpoint() -> int | None:
 
 @shared_task(name="citadel.audit.retention_purge", soft_time_limit=1800, time_limit=3600, ignore_result=True)
 def audit_retention_purge() -> int:
-    """Purge records older than CITADEL_AUDIT_RETENTION_DAYS (0 keeps everything), except held ones."""
+    """Purge records past their retention: CITADEL_AUDIT_RETENTION_DAYS (0 keeps everything) or their data
+    class's own audit_retention_days, except held ones (see audit_purge)."""
+    from citadel.residency.models import DataClass
+
     days = settings.CITADEL_AUDIT_RETENTION_DAYS
-    if days <= 0:
+    if days <= 0 and not DataClass.objects.filter(audit_retention_days__gt=0).exists():
         return 0
     checkpoint_create()
     purge = audit_purge(older_than_days=days, actor=Actor.system("retention"))

@@ -161,7 +161,8 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
         audit_record(actor=Actor.system(job.worker_name), action=f"inference.{job.kind}.complete",
                      outcome="success", target_type="model", target_id=job.model.name, request_id=job.request_id,
                      details={"job": str(job.id), "prompt_tokens": prompt_tokens,
-                              "completion_tokens": completion_tokens, "finish_reason": finish_reason})
+                              "completion_tokens": completion_tokens, "finish_reason": finish_reason,
+                              "data_class": _data_class_name(job)})
 
 
 @transaction.atomic
@@ -173,8 +174,14 @@ def job_fail(*, job_id, code: str, message: str, actor: Actor) -> bool:
     _fail(job, code=code, message=message)
     audit_record(actor=actor, action=f"inference.{job.kind}.complete", outcome="failure", target_type="model",
                  target_id=job.model.name, request_id=job.request_id,
-                 details={"job": str(job.id), "error_code": code, "error": message[:1000]})
+                 details={"job": str(job.id), "error_code": code, "error": message[:1000],
+                          "data_class": _data_class_name(job)})
     return True
+
+
+def _data_class_name(job: InferenceJob) -> str | None:
+    """The job's data class, in its audit records: it decides how long they are kept (audit_purge)."""
+    return job.data_class.name if job.data_class_id else None
 
 
 def jobs_prompts_purge(*, now=None) -> int:

@@ -37,6 +37,10 @@ class DataClass(models.Model):
     rank = models.PositiveIntegerField(help_text="Sensitivity: a request may raise its class, never lower it.")
     description = models.TextField(blank=True)
     builtin = models.BooleanField(default=False, editable=False)
+    audit_retention_days = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="Keep audit records about this class of data this many days (0: forever); "
+                  "empty: the platform's default, CITADEL_AUDIT_RETENTION_DAYS. Legal holds keep records longer.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -323,15 +323,17 @@ def site_delete(*, site: Site, actor: Actor, request=None) -> None:
 
 def data_class_snapshot(data_class: DataClass) -> dict:
     return {"name": data_class.name, "rank": data_class.rank, "description": data_class.description,
-            "builtin": data_class.builtin}
+            "builtin": data_class.builtin, "audit_retention_days": data_class.audit_retention_days}
 
 
 @transaction.atomic
-def data_class_create(*, name: str, rank: int, actor: Actor, description: str = "", request=None) -> DataClass:
+def data_class_create(*, name: str, rank: int, actor: Actor, description: str = "",
+                      audit_retention_days: int | None = None, request=None) -> DataClass:
     name = (name or "").strip().lower()
     if DataClass.objects.filter(name=name).exists():
         raise Conflict(f"A data class named '{name}' already exists.", param="name")
-    data_class = DataClass.objects.create(name=name, rank=rank, description=description)
+    data_class = DataClass.objects.create(name=name, rank=rank, description=description,
+                                          audit_retention_days=audit_retention_days)
     audit_record(actor=actor, action="residency.data_class.create", outcome="success", target_type="data_class",
                  target_id=name, request=request, details={"before": None, "after": data_class_snapshot(data_class)})
     return data_class

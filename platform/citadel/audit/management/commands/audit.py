@@ -60,8 +60,12 @@ class Command(BaseCommand):
         checkpoint.add_argument("--force", action="store_true", help="Sign even if the head is already signed.")
         sub.add_parser("public-key", help="Print the public key that verifies checkpoints (PEM and base64).")
         sub.add_parser("keygen", help="Print a new private key for CITADEL_AUDIT_SIGNING_KEY.")
-        purge = sub.add_parser("purge", help="Delete records older than N days that no legal hold covers.")
-        purge.add_argument("--older-than-days", type=int, required=True)
+        purge = sub.add_parser(
+            "purge", help="Delete records past their retention that no legal hold covers: older than N days, or "
+                          "past their data class's audit_retention_days where the class sets one.")
+        purge.add_argument("--older-than-days", type=int,
+                           help="retention of records of no data class or of a class without its own "
+                                "(default: CITADEL_AUDIT_RETENTION_DAYS; 0: forever)")
         hold = sub.add_parser("hold", help="Legal holds: records they match are never purged.")
         hold_sub = hold.add_subparsers(dest="hold_action", required=True)
         add = hold_sub.add_parser("add", help="Hold records matching every criterion given.")
@@ -139,7 +143,12 @@ class Command(BaseCommand):
         self.stdout.write(generate_key_text())
 
     def _purge(self, *, older_than_days, **_):
+        from django.conf import settings
+
         from citadel.audit.services import audit_purge, checkpoint_create
+
+        if older_than_days is None:
+            older_than_days = settings.CITADEL_AUDIT_RETENTION_DAYS
 
         checkpoint_create()
         purge = audit_purge(older_than_days=older_than_days, actor=_cli_actor())
@@ -147,7 +156,8 @@ class Command(BaseCommand):
             self.stdout.write("Nothing to purge.")
         else:
             self.stdout.write(f"Purged {purge.deleted_count} records below sequence {purge.boundary_sequence}; "
-                              f"kept {len(purge.retained)} under legal hold.")
+                              f"kept {len(purge.retained)} under legal hold or their data class's longer "
+                              "retention.")
 
     def _hold(self, *, hold_action, **options):
         from citadel.audit.services import legal_hold_create, legal_hold_release
