@@ -13,7 +13,6 @@ from pathlib import Path
 
 from celery import shared_task
 from django.conf import settings
-from django.db import close_old_connections
 
 from citadel.audit.services import Actor
 from citadel.finetuning import services
@@ -100,8 +99,6 @@ def run_job(self, job_id: str) -> None:
         code = "invalid_config" if type(error).__name__ == "ConfigError" else "training_error"
         services.job_fail(job_id=job_id, code=code, message=f"{type(error).__name__}: {error}", actor=actor,
                           param=getattr(error, "field", "") if code == "invalid_config" else "")
-    finally:
-        close_old_connections()
 
 
 @shared_task(name="citadel.finetuning.recover", soft_time_limit=60, time_limit=90, ignore_result=True)
