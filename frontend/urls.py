@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views
+from frontend import views, views_finetuning
 
 app_name = "frontend"
 
@@ -14,4 +14,11 @@ urlpatterns = [
     path("playground/", views.playground, name="playground"),
     path("playground/stream", views.PlaygroundStreamApi.as_view(), name="playground-stream"),
     path("residency/", views.residency_dry_run, name="residency"),
+    path("fine-tuning/", views_finetuning.jobs_page, name="finetuning"),
+    path("fine-tuning/datasets/", views_finetuning.datasets_page, name="finetuning-datasets"),
+    path("fine-tuning/datasets/upload", views_finetuning.dataset_upload, name="finetuning-upload"),
+    path("fine-tuning/jobs/new/", views_finetuning.job_new, name="finetuning-job-new"),
+    path("fine-tuning/jobs/<str:job_id>/", views_finetuning.job_page, name="finetuning-job"),
+    path("fine-tuning/jobs/<str:job_id>/live", views_finetuning.job_live, name="finetuning-job-live"),
+    path("fine-tuning/jobs/<str:job_id>/cancel", views_finetuning.job_cancel, name="finetuning-job-cancel"),
 ]

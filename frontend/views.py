@@ -33,7 +33,9 @@ def models_page(request):
 
 @login_required
 def playground(request):
-    return render(request, "frontend/playground.html", {"models": models_deployed()})
+    # ?model= preselects a model, e.g. from a fine-tuning job's page once its adapter is served.
+    return render(request, "frontend/playground.html", {"models": models_deployed(),
+                                                        "selected": request.GET.get("model", "")})
 
 
 class PlaygroundStreamApi(APIView):
