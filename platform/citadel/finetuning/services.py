@@ -338,10 +338,13 @@ def job_owned_by(*, job_id, worker_name: str) -> bool:
                                         worker_name=worker_name).exists()
 
 
+@transaction.atomic
 def job_progress(*, job_id, worker_name: str, event: dict) -> bool:
     """Record one event of finetune.train (metrics, eval, checkpoint, message) as it happens.
 
     Returns False when the job is no longer this worker's (see job_owned_by), so the caller stops.
+    The row update and the event row commit together, so a cancel (which locks the row) is ordered
+    before or after both: no step is logged after its job's cancel event.
     """
     kind = event.get("type")
     now = timezone.now()
