@@ -213,3 +213,24 @@ def test_events_written_by_the_worker_read_back_as_openai_events(world, job):
     assert body["status"] == "running" and body["estimated_finish"] > 0 and body["citadel"]["valid_loss"] == 1.7
     assert json.dumps(body)  # plain JSON all the way down
     assert Worker.objects.count() == 0
+
+
+def test_a_fine_tuned_model_is_usable_only_by_those_who_can_see_its_job(world, job):
+    from django.contrib.auth import get_user_model
+
+    from citadel.accounts.services import api_key_create
+
+    services.job_claim(job_id=job.id, worker_name="w1")
+    result = SimpleNamespace(adapter_dir="/a/x", steps=2, train_loss=1.0, valid_loss=None, trained_tokens=10)
+    name = services.job_succeed(job_id=job.id, worker_name="w1", result=result).fine_tuned_model.name
+    worker_heartbeat(name="ft-pool@w", pool_name="ft-pool", hostname="h", pid=6, loaded_models=[])
+    assert name in [m["id"] for m in call("get", "/v1/models", world.key).json()["data"]]
+    assert call("get", f"/v1/models/{name}", world.key).status_code == 200
+    other = get_user_model().objects.create_user("other", password="x" * 16)
+    key = api_key_create(user=other, name="other", actor=services.Actor.system("test")).key
+    assert [m["id"] for m in call("get", "/v1/models", key).json()["data"]] == ["demo-v4"]
+    assert call("get", f"/v1/models/{name}", key).status_code == 404
+    response = call("post", "/v1/chat/completions", key, {"model": name, "messages": [{"role": "user",
+                                                                                      "content": "hi"}]})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert not InferenceJob.objects.exists()

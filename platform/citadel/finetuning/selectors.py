@@ -2,8 +2,10 @@
 and a job's events, checkpoints and loss curve (for the API and the console).
 
 Who sees what: an API key of a team sees its team's files and jobs; a key without a team sees
-its user's own (made without a team); a signed-in user sees their own and their teams', and
-staff see everything. Lookups outside that answer 404, as if the object did not exist.
+its user's own (made without a team); a signed-in user sees what citadel.accounts.permissions.scope
+allows (their teams' and their own team-less ones; platform administrators all). Lookups outside
+that answer 404, as if the object did not exist. A fine-tuned model is usable only by those who
+can see the job that trained it: its adapter learned from their data.
 """
 
 import uuid
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from django.db.models import Q, QuerySet
 
+from citadel.accounts.permissions import scope
 from citadel.core.exceptions import InvalidRequest, NotFound
 from citadel.finetuning.models import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
 
@@ -29,10 +32,7 @@ def _scope(queryset: QuerySet, request) -> QuerySet:
         if api_key.team_id:
             return queryset.filter(team_id=api_key.team_id)
         return queryset.filter(user=api_key.user, team__isnull=True)
-    user = request.user
-    if user.is_staff:
-        return queryset
-    return queryset.filter(Q(user=user) | Q(team__in=user.teams.all())).distinct()
+    return scope(request.user, queryset)  # a signed-in user: the access module's team rule
 
 
 def files_visible(*, request) -> QuerySet[File]:
@@ -43,6 +43,19 @@ def files_visible(*, request) -> QuerySet[File]:
 def jobs_visible(*, request) -> QuerySet[FineTuningJob]:
     return _scope(FineTuningJob.objects.select_related("model", "training_file", "validation_file",
                                                         "fine_tuned_model", "pool", "site", "team"), request)
+
+
+def fine_tuned_models_hidden(*, request) -> set[str]:
+    """Names of fine-tuned models the caller may not use: those trained by jobs they cannot see.
+    (A variant registered without a job, by an administrator, is open like any model.)"""
+    made = FineTuningJob.objects.filter(fine_tuned_model__isnull=False)
+    visible = jobs_visible(request=request).filter(fine_tuned_model__isnull=False).values("pk")
+    return set(made.exclude(pk__in=visible).values_list("fine_tuned_model__name", flat=True))
+
+
+def fine_tuned_model_usable(*, request, name: str) -> bool:
+    made = FineTuningJob.objects.filter(fine_tuned_model__name=name)
+    return not made.exists() or jobs_visible(request=request).filter(fine_tuned_model__name=name).exists()
 
 
 def parse_id(value: str, prefix: str, *, what: str, param: str) -> uuid.UUID:

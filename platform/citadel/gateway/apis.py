@@ -16,6 +16,7 @@ from citadel.accounts.models import EndpointGroup
 from citadel.accounts.permissions import USE_ROLES, api_key_of
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import CitadelError, NotFound, PermissionDenied, ServiceUnavailable
+from citadel.finetuning.selectors import fine_tuned_model_usable, fine_tuned_models_hidden
 from citadel.gateway.openai_format import completion_body
 from citadel.gateway.serializers import ChatCompletionInput, CompletionInput
 from citadel.gateway.streaming import job_event_stream
@@ -41,7 +42,9 @@ def _model_body(model) -> dict:
 class ModelListApi(OpenAIApi):
     def get(self, request):
         api_key = api_key_of(request)
-        models = [m for m in models_deployed() if api_key is None or api_key.allows_model(m.name)]
+        hidden = fine_tuned_models_hidden(request=request)  # other teams' fine-tuned models
+        models = [m for m in models_deployed() if (api_key is None or api_key.allows_model(m.name))
+                  and m.name not in hidden]
         return Response({"object": "list", "data": [_model_body(m) for m in models]})
 
 
@@ -49,7 +52,8 @@ class ModelRetrieveApi(OpenAIApi):
     def get(self, request, model_id: str):
         model = models_deployed().filter(name=model_id).first()
         api_key = api_key_of(request)
-        if model is None or (api_key is not None and not api_key.allows_model(model.name)):
+        if model is None or (api_key is not None and not api_key.allows_model(model.name)) \
+                or not fine_tuned_model_usable(request=request, name=model.name):
             raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return Response(_model_body(model))
 
@@ -63,6 +67,9 @@ def run_job(request, data, *, kind: str):
     payload = data.payload()
     adapter = model_adapter(name=data.validated_data["model"])
     if adapter is not None:  # a fine-tuned model: its base's deployment runs it with this adapter
+        if not fine_tuned_model_usable(request=request, name=adapter["name"]):  # another team's adapter
+            raise NotFound(f"The model '{adapter['name']}' does not exist. List the available ones at "
+                           "GET /v1/models.", param="model", code="model_not_found")
         payload["adapter"] = adapter
     job = job_submit(model_name=data.validated_data["model"], kind=kind, payload=payload,
                      stream=data.validated_data["stream"], actor=Actor.for_request(request), request=request,
