@@ -273,7 +273,7 @@ class LLM:
 
 
 def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, generator, lock) -> LLMEngine:
-    native = registry.load_model(path, config, device, dtype)
+    native = registry.load_model(path, config, device, dtype, quantization=engine_config.quantization)
     return LLMEngine(native, engine_config, device, eos_token_ids, generator, lock)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+QUANTIZATIONS = (None, "fp8")
+
 
 @dataclass
 class EngineConfig:
@@ -22,6 +24,9 @@ class EngineConfig:
     sequences can use."""
     max_model_len: int | None = None
     """Most tokens (prompt plus completion) per sequence; None: the model's maximum."""
+    quantization: str | None = None
+    """"fp8": quantize the linear weights to block-wise FP8 at load time (inference/quant). Checkpoints
+    that ship FP8 weights (DeepSeek's `weight_scale_inv` format) are served in FP8 either way."""
     max_loras: int = 8
     """Most LoRA adapters on the model's device at once (requests for others wait for a free place)."""
 
@@ -30,6 +35,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         for name in ("kv_cache_memory", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

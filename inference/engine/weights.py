@@ -69,6 +69,10 @@ class CheckpointWeights:
     def names(self) -> list[str]:
         return sorted(self._where)
 
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype of `name` as safetensors writes it (e.g. "F8_E4M3"), without reading the tensor."""
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name` (marked as used); CheckpointError when the checkpoint lacks it."""
         if name not in self._where:

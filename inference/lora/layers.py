@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.fp8 import Fp8Linear
+
+LINEAR_TYPES = (nn.Linear, Fp8Linear)
+
 
 @dataclass
 class LoRABatch:
@@ -28,9 +32,9 @@ class LoRABatch:
 
 
 class LoRALinear(nn.Module):
-    """Wraps a linear layer (kept as `base`, untouched) with the updates of loaded adapters."""
+    """Wraps a linear layer (nn.Linear or Fp8Linear, kept as `base`, untouched) with the updates of loaded adapters."""
 
-    def __init__(self, base: nn.Linear, batch: LoRABatch):
+    def __init__(self, base: nn.Module, batch: LoRABatch):
         super().__init__()
         self.base = base
         self.batch = batch
@@ -65,7 +69,7 @@ def wrap_linears(model: nn.Module, names: list[str], batch: LoRABatch) -> dict[s
         if isinstance(layer, LoRALinear):
             wrapped[name] = layer
             continue
-        if not isinstance(layer, nn.Linear):
+        if not isinstance(layer, LINEAR_TYPES):
             raise TypeError(f"{name} is a {type(layer).__name__}, not a linear layer LoRA can wrap")
         wrapped[name] = LoRALinear(layer, batch)
         setattr(parent, child, wrapped[name])
@@ -86,7 +90,7 @@ def lora_targets(model: nn.Module) -> dict[str, tuple[int, int]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             found[name] = (module.in_features, module.out_features)
-        elif isinstance(module, nn.Linear) and not name.endswith(".base"):
+        elif isinstance(module, LINEAR_TYPES) and not name.endswith(".base"):
             if excluded and re.search(excluded, name):
                 continue
             found[name] = (module.in_features, module.out_features)

@@ -79,10 +79,14 @@ class LoRAManager:
         if missing:
             self.layers.update(wrap_linears(self.model, missing, self.batch))
         for name, (a, b, scaling) in adapter.modules.items():
-            weight = self.layers[name].base.weight
+            base = self.layers[name].base
+            device = base.weight.device
+            dtype = getattr(
+                base, "compute_dtype", base.weight.dtype
+            )  # an Fp8Linear computes in the model's dtype
             self.layers[name].adapters[adapter.key] = (
-                a.to(device=weight.device, dtype=weight.dtype),
-                b.to(device=weight.device, dtype=weight.dtype),
+                a.to(device=device, dtype=dtype),
+                b.to(device=device, dtype=dtype),
                 scaling,
             )
         self.loaded[adapter.key] = adapter

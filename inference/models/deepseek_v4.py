@@ -29,6 +29,7 @@ from torch import nn
 from ..engine.cache import CacheSpec
 from ..engine.context import ForwardContext
 from ..engine.weights import CheckpointError, CheckpointWeights
+from ..quant.fp8 import FP8_DTYPE
 from .deepseek_v4_attention import Attention
 from .deepseek_v4_batch import V4Batch
 from .deepseek_v4_cache import V4CacheLayout
@@ -107,6 +108,17 @@ class CitadelDeepseekV4(nn.Module):
     lora_excluded = r"^head$|\.wo_a$|\.experts\.\d+\."
     """Linears that serve no LoRA (inference/lora): the LM head, wo_a (read as a grouped weight), and the
     routed experts (each sees only its own tokens, not the step's rows)."""
+    fp8_excluded = r"^head$|compressor|indexer"
+    """Linears quantize_linears leaves alone: the LM head, and the compressor and indexer projections that
+    DeepSeek's own FP8 checkpoints ship unquantized."""
+
+    loads_native_fp8 = True
+    """DeepSeek's FP8 checkpoints (weight + weight_scale_inv) load as they are (models/registry.py)."""
+
+    @staticmethod
+    def checkpoint_module_name(stored: str) -> str:
+        """A module's name in the checkpoint -> its name here."""
+        return canonical_name(f"{stored}.weight").removesuffix(".weight")
 
     @staticmethod
     def lora_module_name(name: str) -> str | None:
@@ -181,7 +193,8 @@ class CitadelDeepseekV4(nn.Module):
 def keeps_float32(name: str) -> bool:
     """Parameters transformers keeps in float32 whatever the model dtype (norms, sinks, mixers, biases)."""
     leaf = name.rsplit(".", 1)[-1]
-    return name.endswith("norm.weight") or leaf in ("ape", "attn_sink", "bias") or leaf.startswith("hc_")
+    return (name.endswith("norm.weight") or leaf in ("ape", "attn_sink", "bias", "weight_scale_inv")
+            or leaf.startswith("hc_"))
 
 
 def canonical_name(name: str) -> str | None:
@@ -223,9 +236,9 @@ def fill_weights(
     unexpected = sorted(by_name[n] for n in set(by_name) - set(expected))
     if any(n.endswith((".scale", ".weight_scale_inv")) for n in unexpected):
         raise CheckpointError(
-            f"the checkpoint in {where} is quantized (it has scale tensors such as "
-            f"{next(n for n in unexpected if 'scale' in n)!r}); this model loads float32/bfloat16 weights: "
-            "use a dequantized (bf16) copy of the checkpoint"
+            f"the checkpoint in {where} has scale tensors that belong to no FP8 weight, e.g. "
+            f"{next(n for n in unexpected if 'scale' in n)!r}: FP8 checkpoints are read in DeepSeek's "
+            "format (a float8_e4m3fn `weight` beside each `weight_scale_inv`)"
         )
     if unexpected:
         raise CheckpointError(
@@ -239,7 +252,9 @@ def fill_weights(
                 f"tensor {by_name[name]!r} has shape {tuple(tensor.shape)} in the checkpoint, the config "
                 f"implies {tuple(target.shape)}"
             )
-        if tensor.is_floating_point():
+        if tensor.dtype == FP8_DTYPE:  # a native FP8 weight: its module was made an Fp8Linear
+            tensor = tensor.to(device=device)
+        elif tensor.is_floating_point():
             tensor = tensor.to(device=device, dtype=torch.float32 if keeps_float32(name) else dtype)
         else:
             tensor = tensor.to(device=device)

@@ -204,7 +204,8 @@ class Attention(nn.Module):
         # K = V carries RoPE on its rope channels: rotate the output back to the query's position.
         out = rope.rotate(out, inverse=True)
         grouped = out.view(T, self.groups, -1).transpose(0, 1)  # [G, T, H*hd/G]
-        w_a = self.wo_a.weight.view(self.groups, self.o_rank, -1).transpose(1, 2)  # [G, H*hd/G, o_rank]
+        w_a = self.wo_a.weight if isinstance(self.wo_a, nn.Linear) else self.wo_a.dequantized_weight(out.dtype)
+        w_a = w_a.view(self.groups, self.o_rank, -1).transpose(1, 2)  # [G, H*hd/G, o_rank]
         return self.wo_b(torch.bmm(grouped, w_a).transpose(0, 1).reshape(T, -1))
 
     # -- compressed entries --------------------------------------------------------------------

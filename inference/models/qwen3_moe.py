@@ -109,6 +109,9 @@ class Qwen3MoeForCausalLM(nn.Module):
     """The model interface of inference/engine (see its docstring): cache_spec, forward, compute_logits."""
 
     lora_excluded = r"^lm_head$"
+    fp8_excluded = r"^lm_head$|\.mlp\.gate$"
+    """Linears quantize_linears leaves alone: the LM head and the routers. (The stacked experts are
+    parameters, not linears, and stay in the model's dtype.)"""
     """Linears that serve no LoRA (inference/lora); the stacked experts are parameters, not linears."""
 
     @staticmethod
