@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from citadel.audit.models import AuditRecord
 from citadel.finetuning import services, tasks
-from citadel.finetuning.models import FineTuningCheckpoint, FineTuningEvent, FineTuningJob
+from citadel.finetuning.models import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
 from citadel.jobs.models import InferenceJob
 from citadel.registry.models import Model, Worker
 from citadel.registry.services import model_variant_register, worker_heartbeat
@@ -43,14 +43,18 @@ def actions(job) -> list[str]:
 
 
 def test_the_task_trains_records_progress_and_checkpoints_and_registers_the_adapter(world, job):
+    job.validation_file = File.objects.get(pk=uploaded(world, TRAIN_LINES[16:24]).removeprefix("file-"))
+    job.save(update_fields=["validation_file"])
     tasks.run_job(str(job.id))
     job.refresh_from_db()
     assert job.status == "succeeded", (job.error_code, job.error_message)
+    assert job.valid_loss > 0  # evaluated on the validation file at the end
     assert job.trained_tokens > 0 and job.step == 2 and job.finished_at and job.attempts == 1
     variant = job.fine_tuned_model
     assert variant.name == f"ft:demo-v4:prices:{job.id.hex[:10]}" and variant.base == world.model
     assert variant.path == world.model.path and (Path(variant.adapter_path) / "adapter_config.json").is_file()
-    metrics = [e.data for e in FineTuningEvent.objects.filter(job=job, type="metrics").order_by("id")]
+    metrics = [e.data for e in FineTuningEvent.objects.filter(job=job, type="metrics").order_by("id")
+               if "train_loss" in e.data]
     assert [m["step"] for m in metrics] == [1, 2]
     for point in metrics:
         assert point["train_loss"] > 0 and point["learning_rate"] > 0 and point["tokens_per_second"] > 0
@@ -75,6 +79,13 @@ def test_the_task_trains_records_progress_and_checkpoints_and_registers_the_adap
                             "finetuning.job.complete"]
     assert AuditRecord.objects.filter(action="model.variant.register", target_id=variant.name).exists()
     assert variant.name in [m["id"] for m in call("get", "/v1/models", world.key).json()["data"]]
+    [results] = body["result_files"]
+    listed = call("get", "/v1/files?purpose=fine-tune-results", world.key).json()["data"]
+    assert [f["id"] for f in listed] == [results] and listed[0]["purpose"] == "fine-tune-results"
+    csv = b"".join(call("get", f"/v1/files/{results}/content", world.key).streaming_content).decode()
+    rows = csv.splitlines()
+    assert rows[0] == "step,train_loss,valid_loss,learning_rate,tokens_per_second" and rows[1].startswith("1,")
+    assert len(rows) == 4  # two steps and the evaluation
 
 
 def test_a_redelivered_message_does_nothing_for_a_job_that_is_running_or_finished(job):
@@ -96,6 +107,22 @@ def test_the_trainer_is_told_to_stop_within_a_second_of_a_cancel(world, job):
     job.refresh_from_db()
     assert job.status == "cancelled" and job.stopped_at is not None
     assert FineTuningEvent.objects.filter(job=job, message="Training stopped at step 3 after the cancel.").exists()
+
+
+def test_a_worker_shutting_down_hands_its_job_back_to_resume_elsewhere(world, job, monkeypatch,
+                                                                      django_capture_on_commit_callbacks):
+    job = services.job_claim(job_id=job.id, worker_name="w1")
+    services.job_checkpoint_record(job_id=job.id, worker_name="w1", step=1, path="/x/step-1")
+    progress = tasks._Progress(job, "w1")
+    monkeypatch.setattr(tasks, "_shutting_down", SimpleNamespace(is_set=lambda: True))
+    assert progress.should_stop() and progress.stop_reason == "shutdown"
+    world.published.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.job_release(job_id=job.id, worker_name="w1", step=1)
+    job.refresh_from_db()
+    assert job.status == "queued" and job.attempts == 0 and world.published == [(str(job.id), "pool.ft-pool")]
+    assert "is shutting down at step 1" in FineTuningEvent.objects.filter(job=job).first().message
+    assert AuditRecord.objects.get(action="finetuning.job.requeue").details["reason"] == "worker shutting down"
 
 
 def _running_on_dead_worker(job, worker="w1"):

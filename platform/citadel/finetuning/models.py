@@ -120,6 +120,8 @@ class FineTuningJob(models.Model):
     trained_tokens = models.BigIntegerField(null=True, blank=True)
     fine_tuned_model = models.ForeignKey("registry.Model", on_delete=models.SET_NULL, null=True, blank=True,
                                          related_name="+", help_text="The variant registered on success.")
+    result_file = models.ForeignKey(File, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+                                    help_text="On success: the metrics of every step as CSV (OpenAI's result_files).")
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     error_param = models.CharField(max_length=100, blank=True)

@@ -8,7 +8,9 @@ may be stored, whether fine-tuning is allowed and on which pools). Each refusal 
 raised as a CitadelError naming the field; every state change of a file or job is audited.
 """
 
+import csv
 import hashlib
+import io
 import logging
 import re
 import uuid
@@ -435,6 +437,8 @@ def job_succeed(*, job_id, worker_name: str, result) -> FineTuningJob | None:
     job.valid_loss = result.valid_loss if result.valid_loss is not None else job.valid_loss
     job.save(update_fields=["status", "fine_tuned_model", "finished_at", "trained_tokens", "step",
                             "estimated_finish", "train_loss", "valid_loss"])
+    job.result_file = _results_file(job)
+    job.save(update_fields=["result_file"])
     _event(job, f"New fine-tuned model created: {variant.name}")
     _event(job, "The job has successfully completed.")
     audit_record(actor=actor, action="finetuning.job.complete", outcome="success", target_type="fine_tuning_job",
@@ -443,6 +447,53 @@ def job_succeed(*, job_id, worker_name: str, result) -> FineTuningJob | None:
                           "steps": result.steps, "trained_tokens": result.trained_tokens,
                           "train_loss": result.train_loss, "valid_loss": result.valid_loss})
     return job
+
+
+RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
+
+
+def _results_file(job: FineTuningJob) -> File:
+    """The job's metrics, one CSV row per event (OpenAI's result file), stored beside its training
+    file (same site, owner and data class) and listed with purpose fine-tune-results."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(RESULT_COLUMNS)
+    for data in FineTuningEvent.objects.filter(job=job, type=FineTuningEvent.Type.METRICS).order_by("id") \
+            .values_list("data", flat=True):
+        writer.writerow(["" if (data or {}).get(c) is None else data[c] for c in RESULT_COLUMNS])
+    content = out.getvalue().encode()
+    path = Path(job.output_dir) / "results.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    source = job.training_file
+    return File.objects.create(purpose=File.Purpose.FINE_TUNE_RESULTS, filename=f"{job.openai_id}-results.csv",
+                               bytes=len(content), sha256=hashlib.sha256(content).hexdigest(), site=source.site,
+                               path=str(path), data_class=job.data_class, team=job.team, user=job.user,
+                               api_key=job.api_key)
+
+
+@transaction.atomic
+def job_release(*, job_id, worker_name: str, step: int) -> bool:
+    """Hand a running job back to the queue because its worker is shutting down (a deploy, a
+    restart): it resumes from its last checkpoint on the next worker, and the attempt does not
+    count against CITADEL_FINETUNE_MAX_ATTEMPTS, since nothing failed."""
+    job = FineTuningJob.objects.select_for_update(of=("self",)).select_related("pool").filter(
+        pk=job_id, status=FineTuningJob.Status.RUNNING, worker_name=worker_name).first()
+    if job is None:
+        return False
+    checkpoint = job.checkpoints.order_by("-step").first()
+    resume = f"step {checkpoint.step}" if checkpoint else "the start (no checkpoint yet)"
+    job.status, job.worker_name, job.estimated_finish = FineTuningJob.Status.QUEUED, "", None
+    job.attempts = max(0, job.attempts - 1)
+    job.save(update_fields=["status", "worker_name", "estimated_finish", "attempts"])
+    _event(job, f"Worker {worker_name} is shutting down at step {step}; the job goes back to the queue and "
+                f"resumes from {resume}.", level="warn")
+    audit_record(actor=Actor.system(worker_name), action="finetuning.job.requeue", outcome="success",
+                 target_type="fine_tuning_job", target_id=job.openai_id, request_id=job.request_id,
+                 details={"reason": "worker shutting down", "worker": worker_name, "step": step,
+                          "resume_step": checkpoint.step if checkpoint else None})
+    transaction.on_commit(lambda: _publish(job))
+    return True
 
 
 @transaction.atomic

@@ -4,14 +4,17 @@ run_job receives a job id only; the row holds the rest. It is safe to deliver tw
 runs a queued job once) and to lose (beat sends queued jobs again). The trainer reports progress
 through on_event, which writes event rows as they happen, and asks should_stop, which reads the
 row at most every CANCEL_POLL_SECONDS: a cancel, or the job being handed to another worker after
-this one was thought dead, stops training within about a second.
+this one was thought dead, stops training within about a second. A warm shutdown of the worker
+hands the job back to the queue, to resume from its last checkpoint.
 """
 
 import logging
+import threading
 import time
 from pathlib import Path
 
 from celery import shared_task
+from celery.signals import worker_shutting_down
 from django.conf import settings
 
 from citadel.audit.services import Actor
@@ -25,6 +28,16 @@ CANCEL_POLL_SECONDS = 0.5
 # deadline in _Progress.should_stop is): a day of training plus time to save the adapter.
 SOFT_TIME_LIMIT = settings.CITADEL_FINETUNE_TIME_LIMIT_SECONDS + 300
 TIME_LIMIT = SOFT_TIME_LIMIT + 300
+
+
+# Set when this worker process begins a warm shutdown: running trainings hand their jobs back to
+# the queue (to resume from their last checkpoint elsewhere) instead of holding the shutdown for hours.
+_shutting_down = threading.Event()
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**kwargs):
+    _shutting_down.set()
 
 
 class _Progress:
@@ -47,6 +60,9 @@ class _Progress:
 
     def should_stop(self) -> bool:
         if self.stop_reason:
+            return True
+        if _shutting_down.is_set():
+            self.stop_reason = "shutdown"
             return True
         if time.monotonic() > self.deadline:
             self.stop_reason = "timeout"
@@ -90,6 +106,8 @@ def run_job(self, job_id: str) -> None:
                               message=f"Training ran past its time limit of "
                                       f"{settings.CITADEL_FINETUNE_TIME_LIMIT_SECONDS} s "
                                       f"(CITADEL_FINETUNE_TIME_LIMIT_SECONDS) and was stopped at step {progress.step}.")
+        elif progress.stop_reason == "shutdown":
+            services.job_release(job_id=job_id, worker_name=worker, step=result.steps)
         elif progress.stop_reason or result.cancelled:
             services.job_stopped(job_id=job_id, worker_name=worker, step=result.steps)
         elif services.job_succeed(job_id=job_id, worker_name=worker, result=result) is None:
