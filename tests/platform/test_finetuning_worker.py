@@ -107,6 +107,7 @@ def test_the_trainer_is_told_to_stop_within_a_second_of_a_cancel(world, job):
     job.refresh_from_db()
     assert job.status == "cancelled" and job.stopped_at is not None
     assert FineTuningEvent.objects.filter(job=job, message="Training stopped at step 3 after the cancel.").exists()
+    assert AuditRecord.objects.filter(action="finetuning.job.stopped", target_id=job.openai_id).exists()
 
 
 def test_a_worker_shutting_down_hands_its_job_back_to_resume_elsewhere(world, job, monkeypatch,

@@ -85,10 +85,12 @@ def file_upload(*, upload, purpose: str, subject: Subject, actor: Actor, user=No
     action = "finetuning.file.upload"
     name = getattr(upload, "name", "") or "upload.jsonl"
     refuse = {"actor": actor, "action": action, "target_type": "file", "target_id": name, "request": request}
-    if purpose != File.Purpose.FINE_TUNE:
+    if purpose not in (File.Purpose.FINE_TUNE, File.Purpose.BATCH):
         _refuse(InvalidRequest(f"purpose '{purpose}' is not supported by Citadel: upload fine-tuning datasets with "
-                               "purpose 'fine-tune'.", param="purpose", code="invalid_purpose"), **refuse)
-    limit = settings.CITADEL_FINETUNE_MAX_FILE_BYTES
+                               "purpose 'fine-tune' and batch input files with purpose 'batch'.", param="purpose",
+                               code="invalid_purpose"), **refuse)
+    batch = purpose == File.Purpose.BATCH
+    limit = settings.CITADEL_BATCH_MAX_FILE_BYTES if batch else settings.CITADEL_FINETUNE_MAX_FILE_BYTES
     if upload.size > limit:
         _refuse(InvalidRequest(f"The file is {upload.size:,} bytes, more than the limit of {limit:,} bytes "
                                "(CITADEL_FINETUNE_MAX_FILE_BYTES): split it or ask for a larger quota.",
@@ -97,7 +99,7 @@ def file_upload(*, upload, purpose: str, subject: Subject, actor: Actor, user=No
         site = storage_site_for(team=subject.team, data_class=subject.data_class)
     except ResidencyDenied as error:
         _refuse(error, **refuse, details={"team": subject.team_name, "data_class": subject.data_class.name})
-    base = _validation_base(model_name)
+    base = None if batch else _validation_base(model_name)
     file_id = uuid.uuid4()
     folder = training.storage_dir(site) / "files"
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,6 +110,10 @@ def file_upload(*, upload, purpose: str, subject: Subject, actor: Actor, user=No
             digest.update(chunk)
             out.write(chunk)
     try:
+        if batch:  # its lines are checked one by one when a batch is created from it (citadel.batches)
+            return _file_create(file_id=file_id, path=path, name=name, size=upload.size, sha256=digest.hexdigest(),
+                                site=site, subject=subject, user=user, api_key=api_key, base=None, report={},
+                                actor=actor, request=request, purpose=purpose)
         report = training.dataset_validate(path=path, base_path=base.path, param="file")
         problem = training.report_problem(report, what=f"file '{name}'")
         if problem:
@@ -123,14 +129,16 @@ def file_upload(*, upload, purpose: str, subject: Subject, actor: Actor, user=No
 
 @transaction.atomic
 def _file_create(*, file_id, path: Path, name: str, size: int, sha256: str, site, subject: Subject, user, api_key,
-                 base: Model, report: dict, actor: Actor, request) -> File:
-    file = File.objects.create(id=file_id, purpose=File.Purpose.FINE_TUNE, filename=name[:255], bytes=size,
+                 base: Model | None, report: dict, actor: Actor, request,
+                 purpose: str = File.Purpose.FINE_TUNE) -> File:
+    file = File.objects.create(id=file_id, purpose=purpose, filename=name[:255], bytes=size,
                                sha256=sha256, site=site, path=str(path), data_class=subject.data_class,
-                               team=subject.team, user=user, api_key=api_key, validated_with=base.name,
-                               report=report)
+                               team=subject.team, user=user, api_key=api_key,
+                               validated_with=base.name if base else "", report=report)
     audit_record(actor=actor, action="finetuning.file.upload", outcome="success", target_type="file",
                  target_id=file.openai_id, request=request,
-                 details={"filename": file.filename, "bytes": size, "sha256": sha256, "site": site.name,
+                 details={"filename": file.filename, "purpose": purpose, "bytes": size, "sha256": sha256,
+                          "site": site.name,
                           "jurisdiction": site.jurisdiction, "team": subject.team_name,
                           "data_class": subject.data_class.name, "examples": report.get("examples"),
                           "total_tokens": report.get("total_tokens")})
@@ -444,6 +452,7 @@ def job_succeed(*, job_id, worker_name: str, result) -> FineTuningJob | None:
     audit_record(actor=actor, action="finetuning.job.complete", outcome="success", target_type="fine_tuning_job",
                  target_id=job.openai_id, request_id=job.request_id,
                  details={"fine_tuned_model": variant.name, "adapter_path": str(result.adapter_dir),
+                          "result_file": job.result_file.openai_id,
                           "steps": result.steps, "trained_tokens": result.trained_tokens,
                           "train_loss": result.train_loss, "valid_loss": result.valid_loss})
     return job
@@ -513,12 +522,19 @@ def job_fail(*, job_id, code: str, message: str, actor: Actor, param: str = "") 
     return True
 
 
+@transaction.atomic
 def job_stopped(*, job_id, worker_name: str, step: int) -> None:
-    """The worker confirms that training of a cancelled job stopped (the cancel itself was audited)."""
-    updated = FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.Status.CANCELLED, worker_name=worker_name,
-                                           stopped_at__isnull=True).update(stopped_at=timezone.now())
-    if updated:
-        FineTuningEvent.objects.create(job_id=job_id, message=f"Training stopped at step {step} after the cancel.")
+    """The worker confirms that training of a cancelled job stopped."""
+    job = FineTuningJob.objects.select_for_update(of=("self",)).filter(
+        pk=job_id, status=FineTuningJob.Status.CANCELLED, worker_name=worker_name, stopped_at__isnull=True).first()
+    if job is None:
+        return
+    job.stopped_at = timezone.now()
+    job.save(update_fields=["stopped_at"])
+    _event(job, f"Training stopped at step {step} after the cancel.")
+    audit_record(actor=Actor.system(worker_name), action="finetuning.job.stopped", outcome="success",
+                 target_type="fine_tuning_job", target_id=job.openai_id, request_id=job.request_id,
+                 details={"step": step})
 
 
 # -- recovery (beat) --------------------------------------------------------------------------------
