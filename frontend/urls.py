@@ -1,14 +1,16 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views, views_finetuning
+from frontend import views, views_account, views_finetuning
 
 app_name = "frontend"
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html",
-                                                redirect_authenticated_user=True), name="login"),
+    path("login/", views_account.LoginView.as_view(), name="login"),
+    path("login/totp/", views_account.login_totp, name="login-totp"),
+    path("account/", views_account.account_page, name="account"),
+    path("account/totp/", views_account.account_totp, name="account-totp"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("models/", views.models_page, name="models"),
     path("playground/", views.playground, name="playground"),

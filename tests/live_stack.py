@@ -50,6 +50,8 @@ def process_env(database_url: str, data_dir: Path) -> dict:
     env.update(
         DJANGO_SETTINGS_MODULE="citadel.settings.test", DATABASE_URL=database_url, CELERY_BROKER_URL=REDIS_URL,
         CITADEL_DATA_DIR=str(data_dir), CITADEL_WORKER_HEARTBEAT_SECONDS="1", CITADEL_REQUEST_TIMEOUT_SECONDS="120",
+        # The browser tests sign in as a staff user; the second factor has its own tests (test_login.py).
+        CITADEL_MFA_REQUIRED="false",
         PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT), env.get("PYTHONPATH", "")]),
     )
     return env

@@ -7,6 +7,7 @@ urlpatterns = [
     path("", include("citadel.accounts.urls")),
     path("", include("citadel.quotas.urls")),
     path("", include("citadel.audit.urls")),
+    path("", include("citadel.sso.api_urls")),
     path("", include("citadel.jobs.urls")),
     path("", include("citadel.residency.urls")),
     path("", include("citadel.finetuning.urls")),

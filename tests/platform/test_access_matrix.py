@@ -195,9 +195,16 @@ def _data_class(world):
     return {"name": "pci"}
 
 
+def _group_mapping(world):
+    from citadel.sso.models import GroupMapping
+
+    return {"pk": GroupMapping.objects.create(group="g", team=world.blue, role=Role.AUDITOR).pk}
+
+
 PLATFORM_OBJECTS = {
     "api-model-teams": _model_name, "api-deployment-retire": _deployment,
     "api-residency-site": _site, "api-residency-data-class": _data_class,
+    "api-sso-group-mapping": _group_mapping,
 }
 
 
@@ -372,3 +379,26 @@ def test_an_operator_manages_deployments_and_an_ml_engineer_cannot(world):
     _model()
     assert engineer.post("/api/v1/pools/", {"name": "gpu-x"}, content_type="application/json").status_code == 403
     assert operator.post("/api/v1/pools/", {"name": "gpu-x"}, content_type="application/json").status_code == 201
+
+
+def test_an_auditor_changes_nothing_in_the_console_either(world):
+    """Every console route (found in the URL conf, so later pages are covered too) refuses an
+    auditor's POST, except signing in and out."""
+    auditor = Client()
+    auditor.force_login(world.users[Role.AUDITOR])
+    console = [route for route, *_ in _walk_all(get_resolver().url_patterns)
+               if not route.startswith(("api/", "v1/", "admin/", "sso/", "login/", "logout/", "account/totp/",
+                                        "static/", "healthz", "readyz", "metrics"))]
+    assert "playground/stream" in console and "account/" in console
+    for route in console:
+        url = "/" + re.sub(r"<[^>]+>", "x", route)
+        response = auditor.post(url, {"name": "k"})
+        assert response.status_code == 403, (url, response.status_code)
+
+
+def _walk_all(patterns, prefix=""):
+    for entry in patterns:
+        if isinstance(entry, URLResolver):
+            yield from _walk_all(entry.url_patterns, prefix + str(entry.pattern))
+        else:
+            yield prefix + str(entry.pattern), entry.name

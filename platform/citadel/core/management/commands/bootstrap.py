@@ -50,6 +50,9 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(
                 f"Created admin account '{admin}' with password: {password}\n"
                 f"(shown once; also kept in {password_file}, readable only by you)"))
+            if settings.CITADEL_MFA_REQUIRED:
+                self.stdout.write("At the first console sign-in you will enrol an authenticator app (TOTP): "
+                                  "administrators need a second factor (CITADEL_MFA_REQUIRED).")
         pool = WorkerPool.objects.filter(name=LOCAL_POOL).first() or pool_create(
             name=LOCAL_POOL, site="local", actor=actor, description="The workers started by `make run`.")
         for data_class in DataClass.objects.filter(name__in=["public", "internal"]):

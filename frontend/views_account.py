@@ -1,0 +1,168 @@
+"""Console sign-in and the account pages: password (with lockout), the TOTP step, TOTP enrolment,
+single sign-on, and the caller's teams, roles and API keys.
+
+Sign-in: a correct password of a user with a confirmed TOTP device does not sign in yet; the
+session (its id rotated) remembers who is half-way, for five minutes, and /login/totp/ finishes
+it. A user who must have a second factor (platform administrators, admins, operators) but has
+none is signed in only to enrol one: every other page sends them to /account/totp/ until then
+(citadel.accounts.middleware). Django's login() rotates the session id at each sign-in.
+"""
+
+import time
+
+from django.conf import settings
+from django.contrib import auth
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+
+from citadel.accounts import permissions as perms
+from citadel.accounts.lockout import login_lock_active
+from citadel.accounts.middleware import ENROL_REQUIRED
+from citadel.accounts.models import ApiKey, EndpointGroup, Membership, Team, TotpDevice
+from citadel.accounts.services import api_key_create, api_key_revoke
+from citadel.accounts.totp import (
+    mfa_required,
+    provisioning_uri,
+    totp_confirm,
+    totp_enrol_start,
+    totp_enrolled,
+    totp_verify,
+)
+from citadel.audit.services import Actor
+from citadel.core.exceptions import CitadelError
+from citadel.core.net import client_address
+
+PENDING = "citadel_mfa_pending"
+PENDING_SECONDS = 300
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "frontend/login.html"
+    redirect_authenticated_user = True
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        lock = getattr(self.request, "citadel_lock", None)
+        context["locked_until"] = lock.until if lock else None
+        context["sso_enabled"] = bool(settings.CITADEL_OIDC_ISSUER)
+        return context
+
+    def form_valid(self, form):
+        user = form.get_user()
+        if totp_enrolled(user):
+            self.request.session.cycle_key()
+            self.request.session[PENDING] = {"user": user.pk, "backend": user.backend, "at": time.time(),
+                                             "next": self.get_success_url()}
+            return redirect("frontend:login-totp")
+        response = super().form_valid(form)  # login(): a new session id
+        if mfa_required(user):
+            self.request.session[ENROL_REQUIRED] = True
+            return redirect("frontend:account-totp")
+        return response
+
+
+def login_totp(request):
+    """The second step of a password sign-in: the current code from the user's authenticator app."""
+    pending = request.session.get(PENDING)
+    if not pending or time.time() - pending["at"] > PENDING_SECONDS:
+        request.session.pop(PENDING, None)
+        return redirect("frontend:login")
+    user = auth.get_user_model().objects.filter(pk=pending["user"], is_active=True).first()
+    if user is None:
+        return redirect("frontend:login")
+    error = None
+    if request.method == "POST":
+        lock = login_lock_active(username=user.get_username(), address=client_address(request))
+        if lock is not None:
+            error = f"Too many failed attempts: signing in is locked until {lock.until:%H:%M} UTC."
+        elif totp_verify(user=user, code=request.POST.get("code", ""), request=request):
+            del request.session[PENDING]
+            auth.login(request, user, backend=pending["backend"])  # a new session id
+            nxt = pending.get("next") or settings.LOGIN_REDIRECT_URL
+            if not url_has_allowed_host_and_scheme(nxt, allowed_hosts={request.get_host()}):
+                nxt = reverse(settings.LOGIN_REDIRECT_URL)
+            return redirect(nxt)
+        else:
+            error = "That code is not right. Enter the current code from your authenticator app."
+    return render(request, "frontend/login_totp.html", {"error": error}, status=400 if error else 200)
+
+
+def _qr_svg(uri: str) -> str | None:
+    """The otpauth URI as an inline SVG QR code, when the qrcode package is installed."""
+    try:
+        import qrcode
+        import qrcode.image.svg
+    except ImportError:
+        return None
+    image = qrcode.make(uri, image_factory=qrcode.image.svg.SvgPathImage, box_size=8)
+    return image.to_string(encoding="unicode")
+
+
+@login_required
+def account_totp(request):
+    """Enrol an authenticator app: the otpauth URI (and a QR code), then a first code confirms it."""
+    error = None
+    if totp_enrolled(request.user):
+        request.session.pop(ENROL_REQUIRED, None)
+        return render(request, "frontend/account_totp.html", {"enrolled": True})
+    if request.method == "POST":
+        try:
+            totp_confirm(user=request.user, code=request.POST.get("code", ""), request=request)
+        except CitadelError as exc:
+            error = exc.message
+        else:
+            request.session.pop(ENROL_REQUIRED, None)
+            request.session.cycle_key()
+            return redirect("frontend:account")
+    device = TotpDevice.objects.filter(user=request.user).first()
+    if device is None or request.GET.get("new"):
+        device = totp_enrol_start(user=request.user, request=request)
+    uri = provisioning_uri(device)
+    return render(request, "frontend/account_totp.html",
+                  {"enrolled": False, "uri": uri, "secret": device.secret, "qr_svg": _qr_svg(uri), "error": error,
+                   "required": request.session.get(ENROL_REQUIRED, False)}, status=400 if error else 200)
+
+
+@login_required
+def account_page(request):
+    """The caller's roles, teams and API keys (their teams' keys, as the management API shows them)."""
+    created = None
+    error = None
+    if request.method == "POST":
+        try:
+            created = _account_post(request)
+        except CitadelError as exc:
+            error = exc.message
+    keys = perms.scope(request.user, ApiKey.objects.select_related("user", "team", "quota"))
+    memberships = Membership.objects.filter(user=request.user).select_related("team")
+    return render(request, "frontend/account.html", {
+        "memberships": memberships, "roles": sorted(perms.user_roles(request.user)),
+        "platform_admin": perms.is_platform_admin(request.user), "keys": keys, "created": created,
+        "error": error, "groups": EndpointGroup.choices, "totp_enrolled": totp_enrolled(request.user),
+        "can_write": perms.has_role(request.user, perms.WRITE_ROLES | perms.USE_ROLES)
+        and not perms.is_auditor_only(request.user),
+    }, status=400 if error else 200)
+
+
+def _account_post(request):
+    from citadel.core.exceptions import PermissionDenied
+
+    if perms.is_auditor_only(request.user):
+        raise PermissionDenied("Auditors read; they change nothing.")
+    actor = Actor.for_user(request.user)
+    if request.POST.get("action") == "revoke":
+        api_key = perms.object_get(request.user, ApiKey.objects.all(), what="API key",
+                                   prefix=request.POST.get("prefix", ""))
+        api_key_revoke(api_key=api_key, actor=actor, request=request)
+        return None
+    team = None
+    if request.POST.get("team"):
+        team = perms.object_get(request.user, Team.objects.all(), team_field="pk", owner_field=None,
+                                what="team", name=request.POST["team"])
+    days = request.POST.get("expires_in_days") or None
+    return api_key_create(user=request.user, name=request.POST.get("name", ""), team=team, actor=actor,
+                          request=request, scopes=request.POST.getlist("scopes") or None,
+                          expires_in_days=int(days) if days and days.isdigit() else None)
