@@ -90,6 +90,7 @@ class JobForm:
         if field == "target_modules" and self.values["target_modules"] == "custom":
             field = "custom_modules"
         if field in self.values:
-            self.errors[field] = error.message
+            # "citadel.rank: must be ..." reads as "must be ..." under the Rank input.
+            self.errors[field] = error.message.removeprefix(f"{param}: ") if param else error.message
         else:
             self.non_field_errors.append(error.message)
