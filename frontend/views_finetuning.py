@@ -6,12 +6,14 @@ apply the residency policy and audit), every read through its selectors, scoped 
 teams. A refusal is shown next to the field the service names (CitadelError.param).
 """
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import redirect, render, resolve_url
 from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
 from citadel.accounts.permissions import USE_ROLES, has_role, role_required
 from citadel.audit.services import Actor
@@ -121,10 +123,14 @@ def job_page(request, job_id: str):
     return render(request, "frontend/finetuning/job.html", _job_context(request, job))
 
 
-@login_required
 def job_live(request, job_id: str):
     """The part of the job page that changes (status, curve, events, checkpoints), polled by htmx
-    every 2 s while the job is queued or running; the answer for a finished job stops the polling."""
+    every 2 s while the job is queued or running; the answer for a finished job stops the polling.
+    A poll whose session has ended sends the whole page to the login form, rather than letting htmx
+    swap the login form into the middle of the job page."""
+    if not request.user.is_authenticated:
+        login = f"{resolve_url(settings.LOGIN_URL)}?{urlencode({'next': reverse('frontend:finetuning-job', args=[job_id])})}"
+        return HttpResponseClientRedirect(login) if request.htmx else redirect(login)
     job = _job(request, job_id)
     return render(request, "frontend/finetuning/_job_live.html", _job_context(request, job))
 

@@ -201,17 +201,18 @@ def test_the_form_offers_deployed_base_models_and_the_users_files_with_the_train
 
 
 def test_a_job_submitted_from_the_form_is_queued_and_opens_its_page(world, django_capture_on_commit_callbacks):
-    file = file_for(world)
+    file, held_out = file_for(world), file_for(world, lines=TRAIN_LINES[-8:])
     with django_capture_on_commit_callbacks(execute=True):
         response = world.client.post(NEW_JOB, {
-            "model": "demo-v4", "training_file": file.openai_id, "epochs": "2", "batch_size": "4",
+            "model": "demo-v4", "training_file": file.openai_id, "validation_file": held_out.openai_id,
+            "epochs": "2", "batch_size": "4",
             "learning_rate": "0.002", "rank": "4", "alpha": "8", "target_modules": "custom",
             "custom_modules": "q_proj, o_proj", "suffix": "prices", "seed": "7"})
     job = FineTuningJob.objects.get()
     assert response.status_code == 302 and response.url == f"/fine-tuning/jobs/{job.openai_id}/"
     assert job.config["epochs"] == 2 and job.config["rank"] == 4 and job.config["alpha"] == 8
     assert job.config["learning_rate"] == 0.002 and job.config["target_modules"] == ["q_proj", "o_proj"]
-    assert job.suffix == "prices" and job.seed == 7 and job.user == world.ml
+    assert job.suffix == "prices" and job.seed == 7 and job.user == world.ml and job.validation_file == held_out
     assert world.published == [str(job.id)]
     html = world.client.get(response.url).content.decode()
     assert 'id="job-status" class="status status-queued"' in html and "Fine-tuning job queued" in html
@@ -250,6 +251,8 @@ def test_the_live_part_answers_newer_progress_and_stops_polling_once_the_job_end
     ended = world.client.get(live).content.decode()
     assert 'data-status="failed"' in ended and "hx-trigger" not in ended and 'id="cancel-job"' not in ended
     assert "out of memory" in ended
+    polled_after_logout = Client().get(live, HTTP_HX_REQUEST="true")
+    assert polled_after_logout.status_code == 200 and polled_after_logout["HX-Redirect"].startswith("/login/?next=")
 
 
 def test_a_job_without_progress_yet_shows_an_empty_chart_that_says_so(world):
