@@ -20,6 +20,11 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 """Learning-rate decay after warm-up: cosine or linear down to zero at the last step, or none."""
 
 
+TRAINABLE_TOKENS = ("none", "new", "reply")
+"""Embedding rows trained besides the LoRA matrices (tokens.py): none, the reply tokens the base model
+cannot produce, or every reply token."""
+
+
 class ConfigError(ValueError):
     """An unusable setting or argument: `field` names it, `message` says what is wrong and what to do."""
 
@@ -66,6 +71,8 @@ class TrainConfig:
     """AdamW weight decay on the adapter weights."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm (0: no clipping)."""
+    trainable_tokens: str = "none"
+    """none, new or reply: also train the embedding rows of the reply tokens the base cannot produce, or of all."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
@@ -109,6 +116,9 @@ class TrainConfig:
         _integer("eval_every", self.eval_every, 0, 10**9)
         _number("weight_decay", self.weight_decay, low=0.0, high=1.0)
         _number("max_grad_norm", self.max_grad_norm, low=0.0)
+        if self.trainable_tokens not in TRAINABLE_TOKENS:
+            raise ConfigError("trainable_tokens", f"{self.trainable_tokens!r} is not one of "
+                                                  f"{', '.join(TRAINABLE_TOKENS)}")
         targets = self.target_modules
         if isinstance(targets, str):
             if targets not in TARGET_PRESETS:

@@ -87,7 +87,7 @@ def lora_targets(family: Family, config: TrainConfig) -> tuple[list[str] | str, 
     if blocked:
         raise ConfigError("target_modules", f"{', '.join(blocked)} cannot be adapted in {family.architecture} "
                                             "(a grouped projection PEFT's Linear LoRA would break); leave it out")
-    parameters = [n for n in names if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    parameters = [n for n in names if n.split(".")[-2:] in (["experts", "gate_up_proj"], ["experts", "down_proj"])]
     if parameters and config.dropout:
         raise ConfigError("dropout", "routed experts (fused parameters) support no LoRA dropout: set dropout to 0")
     return [n for n in names if n not in parameters], parameters

@@ -29,6 +29,7 @@ from .config import ConfigError, TrainConfig
 from .dataset import Example, parse_file
 from .families import check_targets_match, family_of, lora_targets
 from .state import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .tokens import new_tokens, reply_tokens, token_rows
 
 STOP_POLL_SECONDS = 1.0
 """Inside a step, should_stop is asked at most this often (from the decoder layers' forward hooks)."""
@@ -107,7 +108,7 @@ def train(*, base_model: str | Path, train_file: str | Path, validation_file: st
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     torch.manual_seed(config.seed)
-    model = _load_model(base_model, device, config, modules, parameters)
+    model = _load_model(base_model, device, config, modules, parameters, train_set, pad_id, emit)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_epoch = steps_per_epoch(len(train_set), config.batch_size)
@@ -240,7 +241,8 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _load_model(base_model, device: str, config: TrainConfig, modules, parameters):
+def _load_model(base_model, device: str, config: TrainConfig, modules, parameters, train_set: list[Example],
+                pad_id: int, emit):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -251,8 +253,17 @@ def _load_model(base_model, device: str, config: TrainConfig, modules, parameter
                                                  trust_remote_code=False).to(device)
     model.config.use_cache = False
     check_targets_match(model, modules, parameters)
+    tokens = []
+    if config.trainable_tokens == "reply":
+        tokens = reply_tokens(train_set)
+    elif config.trainable_tokens == "new":
+        tokens = new_tokens(model, train_set, pad_id, device)
+    if config.trainable_tokens != "none":
+        emit({"type": "message", "level": "info", "text": f"training the embedding rows of {len(tokens)} "
+                                                          f"{config.trainable_tokens} tokens"})
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
-                      target_modules=modules, target_parameters=parameters or None, task_type="CAUSAL_LM")
+                      target_modules=modules, target_parameters=parameters or None, task_type="CAUSAL_LM",
+                      trainable_token_indices=token_rows(model, tokens) if tokens else None)
     try:
         return get_peft_model(model, lora)
     except ValueError as error:  # PEFT refuses a module type it cannot wrap

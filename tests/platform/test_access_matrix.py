@@ -164,6 +164,17 @@ def _finetuning_job(world, team, owner):
     return {"job_id": f"ftjob-{job.id.hex}"}
 
 
+def _batch(world, team, owner):
+    from citadel.batches.models import Batch
+    from citadel.finetuning.models import File
+
+    file_id = _finetuning_file(world, team, owner)["file_id"]
+    batch = Batch.objects.create(endpoint="/v1/chat/completions", input_file=File.objects.get(id=uuid.UUID(file_id[5:])),
+                                 metadata={"note": SECRET}, team=team, user=owner,
+                                 data_class=DataClass.objects.get(name="internal"))
+    return {"batch_id": f"batch_{batch.id.hex}"}
+
+
 TEAM_OBJECTS = {
     "api-team": _team, "api-team-members": _team, "api-team-quota": _team, "api-team-member": _member,
     "api-key": _key, "api-key-revoke": _key, "api-key-quota": _key,
@@ -173,6 +184,7 @@ TEAM_OBJECTS = {
     "api-finetuning-job": _finetuning_job, "api-finetuning-job-cancel": _finetuning_job,
     "api-finetuning-job-events": _finetuning_job, "api-finetuning-job-checkpoints": _finetuning_job,
     "api-finetuning-job-metrics": _finetuning_job,
+    "batch": _batch,
 }
 
 
@@ -357,9 +369,9 @@ def test_a_team_admin_manages_members_and_an_ml_engineer_cannot(world):
     admin = Client()
     admin.force_login(world.blue_owner)
     newcomer = get_user_model().objects.create_user("newcomer", password="x" * 16)
-    response = admin.post("/api/v1/teams/blue/members/", {"user": "newcomer", "role": "auditor"},
+    response = admin.post("/api/v1/teams/blue/members/", {"user": "newcomer", "role": "application"},
                           content_type="application/json")
-    assert response.status_code == 201 and response.json()["role"] == "auditor"
+    assert response.status_code == 201 and response.json()["role"] == "application"
     assert admin.patch("/api/v1/teams/blue/members/newcomer/", {"role": "ml_engineer"},
                        content_type="application/json").json()["role"] == "ml_engineer"
     engineer = Client()
@@ -402,3 +414,36 @@ def _walk_all(patterns, prefix=""):
             yield from _walk_all(entry.url_patterns, prefix + str(entry.pattern))
         else:
             yield prefix + str(entry.pattern), entry.name
+
+
+@pytest.mark.parametrize("role", [Role.OPERATOR, Role.AUDITOR])
+def test_a_team_admin_cannot_grant_roles_that_reach_beyond_the_team(world, role):
+    get_user_model().objects.create_user("newcomer", password="x" * 16)
+    lead = Client()
+    lead.force_login(world.blue_owner)
+    refused = lead.post("/api/v1/teams/blue/members/", {"user": "newcomer", "role": role},
+                        content_type="application/json")
+    assert refused.status_code == 403
+    assert lead.patch(f"/api/v1/teams/blue/members/blue-{role}/", {"role": "ml_engineer"},
+                      content_type="application/json").status_code == 403
+    root = Client()
+    root.force_login(world.admin)
+    assert root.post("/api/v1/teams/blue/members/", {"user": "newcomer", "role": role},
+                     content_type="application/json").status_code == 201
+
+
+def test_a_key_cannot_create_or_widen_a_key_beyond_itself(world):
+    narrow = api_key_create(user=world.users[Role.ML_ENGINEER], name="narrow", team=world.blue,
+                            scopes=["management", "inference"], actor=SYSTEM, expires_in_days=7)
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {narrow.key}")
+    wider = client.post("/api/v1/keys/", {"name": "wide", "team": "blue", "scopes": ["files"], "expires_in_days": 1},
+                        content_type="application/json")
+    assert wider.status_code == 403 and wider.json()["code"] == "insufficient_scope"
+    forever = client.post("/api/v1/keys/", {"name": "forever", "team": "blue"}, content_type="application/json")
+    assert forever.status_code == 403
+    ok = client.post("/api/v1/keys/", {"name": "ok", "team": "blue", "expires_in_days": 1},
+                     content_type="application/json")
+    assert ok.status_code == 201 and ok.json()["scopes"] == ["management", "inference"]
+    widen = client.patch(f"/api/v1/keys/{ok.json()['prefix']}/", {"scopes": ["management", "fine_tuning"]},
+                         content_type="application/json")
+    assert widen.status_code == 403

@@ -228,3 +228,24 @@ def test_redis_url_comes_from_the_environment_or_the_broker():
     out = subprocess.run([sys.executable, "-c", f"import django; django.setup(); {code}"], env=env,
                          capture_output=True, text=True, cwd=ls.ROOT, check=True).stdout
     assert out.strip() == "'redis://h:6379/3'"
+
+
+def test_a_quota_that_cannot_be_counted_is_not_granted(team_and_user):
+    team, user = team_and_user
+    created = api_key_create(user=user, name="app", team=team, actor=SYSTEM)
+    quota_set(api_key=created.api_key, limits={"requests_per_minute": 5}, actor=SYSTEM)
+    with override_settings(CITADEL_QUOTA_REDIS_URL=f"redis://127.0.0.1:{ls.free_port()}/0"):  # nothing listens
+        response = Client(HTTP_AUTHORIZATION=f"Bearer {created.key}").get("/v1/models")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "quota_store_unavailable"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_citadel_keys_create_takes_scopes_and_models(team_and_user, cli_env):
+    from citadel.registry.models import Model
+
+    Model.objects.create(name="m", path="/srv/m")
+    result = subprocess.run([sys.executable, "-m", "citadel.cli", "keys", "create", "--user", "app", "--name", "s",
+                             "--scope", "inference", "--model", "m"], capture_output=True, text=True, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    key = ApiKey.objects.get(name="s")
+    assert key.scopes == ["inference"] and key.allowed_models == ["m"]

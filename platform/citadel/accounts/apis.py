@@ -156,6 +156,8 @@ class MembershipListCreateApi(APIView):
         perms.team_role_required(request.user, team, {Role.ADMIN})
         data = self.MembershipInput(data=request.data)
         data.is_valid(raise_exception=True)
+        previous = team.memberships.filter(user__username=data.validated_data["user"]).first()
+        perms.role_grant_check(request.user, data.validated_data["role"], previous.role if previous else None)
         membership = membership_set(team=team, user=_user(data.validated_data["user"]),
                                     role=data.validated_data["role"], actor=Actor.for_request(request),
                                     request=request)
@@ -185,6 +187,7 @@ class MembershipDetailApi(APIView):
         perms.team_role_required(request.user, membership.team, {Role.ADMIN})
         data = self.RoleInput(data=request.data)
         data.is_valid(raise_exception=True)
+        perms.role_grant_check(request.user, data.validated_data["role"], membership.role)
         membership = membership_set(team=membership.team, user=membership.user, role=data.validated_data["role"],
                                     actor=Actor.for_request(request), request=request)
         return Response(MembershipOutput(membership).data)
@@ -193,6 +196,7 @@ class MembershipDetailApi(APIView):
     def delete(self, request, name: str, username: str):
         membership = self._get(request, name, username)
         perms.team_role_required(request.user, membership.team, {Role.ADMIN})
+        perms.role_grant_check(request.user, None, membership.role)
         membership_remove(team=membership.team, user=membership.user, actor=Actor.for_request(request),
                           request=request)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -245,7 +249,8 @@ class ApiKeyListCreateApi(APIView):
             perms.team_role_required(request.user, fields["team"], {Role.ADMIN})
             owner = _user(fields["user"])
         fields.pop("user", None)
-        created = api_key_create(user=owner, actor=Actor.for_request(request), request=request, **fields)
+        created = api_key_create(user=owner, actor=Actor.for_request(request), request=request,
+                                 limit_to=perms.api_key_of(request), **fields)
         body = ApiKeyOutput(created.api_key).data | {"key": created.key}
         return Response(body, status=status.HTTP_201_CREATED)
 
@@ -272,7 +277,7 @@ class ApiKeyDetailApi(APIView):
         data = self.ApiKeyUpdateInput(data=request.data)
         data.is_valid(raise_exception=True)
         api_key = api_key_update(api_key=api_key, actor=Actor.for_request(request), request=request,
-                                 **data.validated_data)
+                                 limit_to=perms.api_key_of(request), **data.validated_data)
         return Response(ApiKeyOutput(api_key).data)
 
     @extend_schema(request=None, responses=ApiKeyOutput)

@@ -48,6 +48,7 @@ def login_failure_register(*, username: str, address: str | None, request=None) 
     username = username.lower()[:150]
     now = timezone.now()
     since = now - timedelta(seconds=settings.CITADEL_LOGIN_FAILURE_WINDOW_SECONDS)
+    LoginFailure.objects.filter(at__lt=since).delete()  # what no window counts any more
     LoginFailure.objects.create(username=username, address=address or None)
     for kind, key, limit in ((LoginLock.Kind.ACCOUNT, username, settings.CITADEL_LOGIN_MAX_FAILURES),
                              (LoginLock.Kind.ADDRESS, address, settings.CITADEL_LOGIN_ADDRESS_MAX_FAILURES)):

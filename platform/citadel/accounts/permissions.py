@@ -119,6 +119,21 @@ def team_role_required(user, team, roles) -> None:
                                f"'{team.name if team else '-'}'.")
 
 
+PLATFORM_GRANTED_ROLES = frozenset({Role.OPERATOR, Role.AUDITOR})
+"""Roles whose reach goes beyond the team (operators change the registry everywhere, auditors read the
+whole audit trail): only platform administrators grant or take them, not a team's own admins."""
+
+
+def role_grant_check(user, role: str | None, previous: str | None = None) -> None:
+    """Refuse a team admin granting, changing or removing a role that reaches beyond the team."""
+    if is_platform_admin(user):
+        return
+    for which in (role, previous):
+        if which in PLATFORM_GRANTED_ROLES:
+            raise PermissionDenied(f"Only a platform administrator grants or removes the {which} role.",
+                                   code="role_required")
+
+
 def api_key_of(request):
     auth = getattr(request, "auth", None)
     return auth if hasattr(auth, "scopes") and hasattr(auth, "prefix") else None

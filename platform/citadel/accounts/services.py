@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from citadel.accounts.models import ApiKey, EndpointGroup, Membership, Role, Team
 from citadel.audit.services import Actor, audit_record
-from citadel.core.exceptions import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from citadel.core.exceptions import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
 
 KEY_SCHEME = "cit"
 
@@ -97,12 +97,30 @@ def _clean_models(names) -> list[str]:
     return names
 
 
+def _within(limit_to: ApiKey | None, scopes: list[str], allowed_models: list[str], expires_at) -> None:
+    """A request made with an API key cannot give a key more than that key has: no wider scopes, no
+    other models, no later expiry (so a leaked narrow key cannot mint a broad one)."""
+    if limit_to is None:
+        return
+    wider = sorted(set(scopes) - set(limit_to.scopes))
+    if wider:
+        raise PermissionDenied(f"A key cannot grant scopes it lacks: {', '.join(wider)}.", code="insufficient_scope")
+    if limit_to.allowed_models and (not allowed_models or set(allowed_models) - set(limit_to.allowed_models)):
+        raise PermissionDenied("A key limited to some models cannot grant others; name models among: "
+                               f"{', '.join(limit_to.allowed_models)}.", code="insufficient_scope")
+    if limit_to.expires_at is not None and (expires_at is None or expires_at > limit_to.expires_at):
+        raise PermissionDenied("A key cannot grant a key that outlives it; give expires_in_days.",
+                               code="insufficient_scope")
+
+
 @transaction.atomic
 def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None = None, team: Team | None = None,
-                   data_class=None, scopes=None, allowed_models=(), request=None) -> CreatedKey:
+                   data_class=None, scopes=None, allowed_models=(), limit_to: ApiKey | None = None,
+                   request=None) -> CreatedKey:
     """A new key for `user`, of `team` (the user must be a member, not as an auditor) and `data_class`
     (default internal): together they pick the residency policy of every request made with it.
-    `scopes` (default: every endpoint group) and `allowed_models` (default: all) narrow what it may call."""
+    `scopes` (default: every endpoint group; with `limit_to`, that key's) and `allowed_models`
+    (default: all) narrow what it may call; `limit_to` is the key the request was made with, if any."""
     from citadel.residency.models import DEFAULT_DATA_CLASS, DataClass
 
     name = (name or "").strip()
@@ -115,7 +133,9 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
         if membership.role == Role.AUDITOR:
             raise InvalidRequest(f"{user.get_username()} is an auditor in team '{team.name}'; auditors hold no "
                                  "API keys.", param="team")
-    scopes = _clean_scopes(EndpointGroup.values if scopes is None else scopes)
+    if scopes is None:
+        scopes = limit_to.scopes if limit_to is not None else EndpointGroup.values
+    scopes = _clean_scopes(scopes)
     allowed_models = _clean_models(allowed_models or ())
     data_class = data_class or DataClass.objects.get(name=DEFAULT_DATA_CLASS)
     if expires_in_days is not None and expires_in_days <= 0:
@@ -123,6 +143,7 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
     prefix = secrets.token_hex(4)
     key = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
     expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None
+    _within(limit_to, scopes, allowed_models, expires_at)
     api_key = ApiKey.objects.create(user=user, name=name, prefix=prefix, digest=_digest(key), expires_at=expires_at,
                                     team=team, data_class=data_class, scopes=scopes, allowed_models=allowed_models)
     audit_record(
@@ -141,7 +162,7 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
 
 @transaction.atomic
 def api_key_update(*, api_key: ApiKey, actor: Actor, scopes=None, allowed_models=None, expires_at=None,
-                   request=None) -> ApiKey:
+                   limit_to: ApiKey | None = None, request=None) -> ApiKey:
     """Narrow or widen what a key may call, or move its expiry; a revoked key stays revoked."""
     api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
     if api_key.revoked_at is not None:
@@ -155,6 +176,7 @@ def api_key_update(*, api_key: ApiKey, actor: Actor, scopes=None, allowed_models
         changes["expires_at"] = expires_at
     for field, value in changes.items():
         setattr(api_key, field, value)
+    _within(limit_to, api_key.scopes, api_key.allowed_models, api_key.expires_at)
     if changes:
         api_key.save(update_fields=list(changes))
         audit_record(actor=actor, action="api_key.update", outcome="success", target_type="api_key",

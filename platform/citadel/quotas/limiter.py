@@ -21,7 +21,7 @@ from django.db.models import Min, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from citadel.core.exceptions import RateLimited
+from citadel.core.exceptions import RateLimited, ServiceUnavailable
 from citadel.quotas.models import Quota, QuotaHit
 
 WINDOW_SECONDS = 60
@@ -135,7 +135,13 @@ def quota_admit(*, api_key) -> None:
     if not per_minute:
         return
     if settings.CITADEL_QUOTA_REDIS_URL:
-        wait_ms = _redis_admit(per_minute)
+        import redis
+
+        try:
+            wait_ms = _redis_admit(per_minute)
+        except redis.RedisError as error:  # fail closed: a quota that cannot be counted is not granted
+            raise ServiceUnavailable("The quota store (Redis) is unavailable; retry shortly.",
+                                     code="quota_store_unavailable") from error
     else:
         wait_ms = _database_admit(per_minute)
     if wait_ms > 0:

@@ -24,6 +24,11 @@ class Command(BaseCommand):
         create.add_argument("--expires-in-days", type=int, default=None)
         create.add_argument("--team", default=None, help="Team whose residency policies govern the key.")
         create.add_argument("--data-class", default="internal", help="Class of the data sent with the key.")
+        create.add_argument("--scope", action="append", dest="scopes", default=None,
+                            help="An endpoint group the key may call (inference, files, fine_tuning, management); "
+                                 "repeat for several. Default: all.")
+        create.add_argument("--model", action="append", dest="models", default=[],
+                            help="A model the key may use; repeat for several. Default: all.")
         sub.add_parser("list", help="List keys (prefixes only).")
         revoke = sub.add_parser("revoke", help="Revoke a key by its prefix.")
         revoke.add_argument("prefix")
@@ -42,7 +47,8 @@ class Command(BaseCommand):
                         raise CommandError(f"No team named {options['team']!r}.")
                 created = api_key_create(user=user, name=options["name"], actor=actor,
                                          expires_in_days=options["expires_in_days"], team=team,
-                                         data_class=data_class_get(name=options["data_class"]))
+                                         data_class=data_class_get(name=options["data_class"]),
+                                         scopes=options["scopes"], allowed_models=options["models"])
                 self.stdout.write(f"Created API key {created.api_key.prefix} for {user.get_username()}; "
                                   "store it now, it is not shown again:")
                 self.stdout.write(created.key)
@@ -51,7 +57,7 @@ class Command(BaseCommand):
                     state = "revoked" if key.revoked_at else ("active" if key.is_active else "expired")
                     team = key.team.name if key.team else "-"
                     self.stdout.write(f"{key.prefix}\t{key.name}\t{key.user.get_username()}\t{state}\t{team}\t"
-                                      f"{key.data_class.name}")
+                                      f"{key.data_class.name}\t{','.join(key.scopes)}")
             elif action == "revoke":
                 api_key_revoke(api_key=api_key_get(prefix=options["prefix"]), actor=actor)
                 self.stdout.write(f"Revoked {options['prefix']}")
