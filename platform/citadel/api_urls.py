@@ -11,4 +11,6 @@ urlpatterns = [
     path("", include("citadel.jobs.urls")),
     path("", include("citadel.residency.urls")),
     path("", include("citadel.finetuning.urls")),
+    path("", include("citadel.batches.urls")),
+    path("", include("citadel.usage.urls")),
 ]

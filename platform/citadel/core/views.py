@@ -11,9 +11,23 @@ def healthz(request):
     return JsonResponse({"status": "ok"})
 
 
+def _workers_check() -> str:
+    """ok when each deployed model has a live worker in one of its deployments' pools; otherwise which lack one."""
+    from citadel.registry.models import Deployment
+    from citadel.registry.selectors import workers_live
+
+    live_pools = set(workers_live().values_list("pool_id", flat=True))
+    served: dict[str, bool] = {}
+    for name, pool_id in Deployment.objects.filter(status=Deployment.Status.ACTIVE) \
+            .values_list("model__name", "pool_id"):
+        served[name] = served.get(name, False) or pool_id in live_pools
+    missing = sorted(name for name, ok in served.items() if not ok)
+    return "ok" if not missing else f"error: no live worker for {', '.join(missing)}"
+
+
 @require_GET
 def readyz(request):
-    """Ready when the database and the broker answer."""
+    """Ready when the database and the broker answer and every deployed model has a live worker."""
     from citadel.celery import app
 
     checks = {}
@@ -29,6 +43,8 @@ def readyz(request):
         checks["broker"] = "ok"
     except Exception as error:
         checks["broker"] = f"error: {error}"
+    if checks["database"] == "ok":
+        checks["workers"] = _workers_check()
     ready = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 
@@ -59,7 +75,7 @@ def _engine_lines(workers) -> list[str]:
 
 @require_GET
 def metrics(request):
-    """A few gauges from the database, in Prometheus' text format."""
+    """Prometheus' text format: these gauges, then citadel.usage.metrics' families."""
     from citadel.jobs.models import InferenceJob
     from citadel.registry.selectors import workers_live
 
@@ -70,4 +86,7 @@ def metrics(request):
     lines += ["# HELP citadel_workers_live Workers with a fresh heartbeat.", "# TYPE citadel_workers_live gauge",
               f"citadel_workers_live {len(live)}"]
     lines += _engine_lines(live)
-    return HttpResponse("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+    from citadel.usage.metrics import exposition  # process histograms and database families (METRICS.md)
+
+    body = ("\n".join(lines) + "\n").encode() + exposition()
+    return HttpResponse(body, content_type="text/plain; version=0.0.4; charset=utf-8")

@@ -26,6 +26,8 @@ class File(models.Model):
     class Purpose(models.TextChoices):
         FINE_TUNE = "fine-tune"
         FINE_TUNE_RESULTS = "fine-tune-results"
+        BATCH = "batch"  # a batch's input (citadel.batches checks its lines when the batch is created)
+        BATCH_OUTPUT = "batch_output"  # a batch's output and error files
 
     class Status(models.TextChoices):
         PROCESSED = "processed"

@@ -9,5 +9,6 @@ urlpatterns = [
     path("chat/completions", apis.ChatCompletionApi.as_view(), name="openai-chat-completions"),
     path("completions", apis.CompletionApi.as_view(), name="openai-completions"),
     path("", include("citadel.finetuning.urls_openai")),
+    path("", include("citadel.batches.urls_openai")),
     re_path(r"^.*$", not_found),
 ]

@@ -158,6 +158,11 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
         payload=retained_payload(job.payload, job.prompt_retention),
     )
     if updated:
+        from citadel.usage.services import usage_record  # metered with the outcome, in its transaction
+
+        usage_record(kind="inference", source=f"job:{job.pk.hex}", api_key_id=job.api_key_id, team_id=job.team_id,
+                     user_id=job.user_id, model_name=job.model.name, prompt_tokens=prompt_tokens,
+                     completion_tokens=completion_tokens)
         audit_record(actor=Actor.system(job.worker_name), action=f"inference.{job.kind}.complete",
                      outcome="success", target_type="model", target_id=job.model.name, request_id=job.request_id,
                      details={"job": str(job.id), "prompt_tokens": prompt_tokens,

@@ -20,6 +20,7 @@ from citadel.jobs.services import (
     jobs_prompts_purge,
     jobs_redispatch_queued,
 )
+from citadel.usage.metrics import timed_events
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def run_inference(self, job_id: str) -> None:
         top = job.payload.get("sampling", {}).get("logprobs")
         output = _Output(job, texts=engines.token_texts(path=job.model.path) if top is not None else None, top=top)
         event = None
-        for event in _events(llm, job):
+        for event in timed_events(_events(llm, job), model=job.model.name):  # TTFT and inter-token latency
             output.add(event)
         output.flush()
         job_succeed(job=job, text=output.text, finish_reason=(event.finish_reason if event else None) or "stop",

@@ -96,10 +96,16 @@ def _next_month(now: datetime) -> datetime:
 
 def _tokens(condition: Q, since: datetime) -> tuple[int, datetime | None]:
     from citadel.jobs.models import InferenceJob
+    from citadel.usage.models import UsageRecord
 
     row = InferenceJob.objects.filter(condition, created_at__gte=since).aggregate(
         used=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0), first=Min("created_at"))
-    return row["used"], row["first"]
+    # Batch lines run without job rows: the usage ledger (citadel.usage) is where they are metered.
+    # (One-by-one jobs are metered there too, but are counted from their rows here, as before.)
+    batches = UsageRecord.objects.filter(condition, kind=UsageRecord.Kind.BATCH, created_at__gte=since).aggregate(
+        used=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0), first=Min("created_at"))
+    firsts = [first for first in (row["first"], batches["first"]) if first is not None]
+    return row["used"] + batches["used"], min(firsts) if firsts else None
 
 
 def _check_tokens(quota: Quota, now: datetime) -> None:

@@ -22,6 +22,10 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_FINETUNE_MAX_ATTEMPTS  workers a job may be started on before a lost worker fails it (3)
     CITADEL_FINETUNE_TIME_LIMIT_SECONDS  a training run is stopped and failed after this long (86400)
     CITADEL_FINETUNE_DEVICE  the trainer's device on workers: auto, cpu or cuda (auto)
+    CITADEL_BATCH_MAX_FILE_BYTES  largest batch input file (200 MiB); CITADEL_BATCH_MAX_LINES (50000)
+    CITADEL_BATCH_CHUNK_LINES  lines a worker hands the engine at once (64); CITADEL_BATCH_FEEDERS  chunks
+                         in flight per batch task (2), so the engine's batch refills while a chunk is saved
+    PROMETHEUS_MULTIPROC_DIR  where gunicorn's processes share their metrics (default: <data dir>/prometheus)
     CITADEL_QUOTA_REDIS_URL  Redis for the per-minute quota windows (default: CELERY_BROKER_URL when it
                          is Redis; otherwise the database counts them)
     CITADEL_SESSION_IDLE_SECONDS  a console session ends after this long without a request (1800)
@@ -33,6 +37,7 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_OIDC_GROUPS_CLAIM (groups), CITADEL_OIDC_SCOPES ("openid email profile groups")
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -67,6 +72,8 @@ INSTALLED_APPS = [
     "citadel.jobs",
     "citadel.gateway",
     "citadel.finetuning",
+    "citadel.batches",
+    "citadel.usage",
     "frontend",
 ]
 
@@ -74,6 +81,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "citadel.core.middleware.RequestIdMiddleware",
+    "citadel.usage.metrics.RequestMetricsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -213,6 +221,13 @@ CITADEL_FINETUNE_TEAM_TOKENS_30D = env.int("CITADEL_FINETUNE_TEAM_TOKENS_30D", d
 CITADEL_FINETUNE_MAX_ATTEMPTS = env.int("CITADEL_FINETUNE_MAX_ATTEMPTS", default=3)
 CITADEL_FINETUNE_TIME_LIMIT_SECONDS = env.int("CITADEL_FINETUNE_TIME_LIMIT_SECONDS", default=24 * 3600)
 CITADEL_FINETUNE_DEVICE = env.str("CITADEL_FINETUNE_DEVICE", default="auto")
+# Batches (citadel.batches) and metrics (citadel.usage.metrics).
+CITADEL_BATCH_MAX_FILE_BYTES = env.int("CITADEL_BATCH_MAX_FILE_BYTES", default=200 * 1024 * 1024)
+CITADEL_BATCH_MAX_LINES = env.int("CITADEL_BATCH_MAX_LINES", default=50_000)
+CITADEL_BATCH_CHUNK_LINES = env.int("CITADEL_BATCH_CHUNK_LINES", default=64)
+CITADEL_BATCH_FEEDERS = env.int("CITADEL_BATCH_FEEDERS", default=2)
+# Every process of this host (gunicorn's workers, a Celery worker) writes its metrics here, so they add up.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))
 
 from citadel.settings.celery import *  # noqa: E402,F403
 from citadel.settings.celery import CELERY_BROKER_URL  # noqa: E402

@@ -44,6 +44,10 @@ CELERY_BEAT_SCHEDULE = {
     "jobs-redispatch-queued": {"task": "citadel.jobs.redispatch_queued", "schedule": 30.0},
     # Fine-tuning jobs whose worker died go back to the queue (resume from checkpoint) or fail.
     "finetuning-recover": {"task": "citadel.finetuning.recover", "schedule": 15.0},
+    # Batches: lines of dead workers back to pending, lost messages sent again, expiry; usage of ended
+    # fine-tuning jobs metered.
+    "batches-recover": {"task": "citadel.batches.recover", "schedule": 15.0},
+    "usage-meter-fine-tuning": {"task": "citadel.usage.meter_fine_tuning", "schedule": 60.0},
     # Sign the audit chain's head; purge audit records past CITADEL_AUDIT_RETENTION_DAYS (if set).
     "audit-checkpoint": {"task": "citadel.audit.checkpoint",
                          "schedule": env.float("CITADEL_AUDIT_CHECKPOINT_SECONDS", default=300.0)},

@@ -1,0 +1,95 @@
+"""Checking one line of a batch input file, as OpenAI does: JSON, custom_id, method, url, body.
+
+The body goes through the same serializers as a one-by-one request to the same endpoint, so a
+line is accepted exactly when the request itself would be. What a batch cannot do (streaming,
+log-probabilities) is refused per line with a message that says so.
+"""
+
+import json
+from dataclasses import dataclass
+
+from citadel.gateway.serializers import ChatCompletionInput, CompletionInput
+
+SERIALIZERS = {"/v1/chat/completions": ChatCompletionInput, "/v1/completions": CompletionInput}
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    code: str
+    message: str
+    param: str | None = None
+    custom_id: str = ""
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(frozen=True)
+class ValidLine:
+    line: int
+    custom_id: str
+    model: str
+    payload: dict
+
+
+def _first_error(detail, prefix: str = "body") -> tuple[str, str]:
+    """(param, message) of the first error in a DRF error dict, e.g. ('body.messages', 'This field is required.')."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = prefix if key == "non_field_errors" else f"{prefix}.{key}"
+            return _first_error(value, name)
+    if isinstance(detail, list) and detail:
+        for item in detail:
+            if item:
+                return _first_error(item, prefix)
+    return prefix, str(detail)
+
+
+def line_parse(*, number: int, raw: bytes, endpoint: str) -> ValidLine | LineError:
+    """A valid line, or why it is not (with its line number and, when it has one, its custom_id)."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        return LineError(number, "invalid_json_line", f"Line {number} is not valid JSON: {error}.")
+    if not isinstance(data, dict):
+        return LineError(number, "invalid_json_line", f"Line {number} is not a JSON object.")
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError(number, "missing_custom_id", f"Line {number} has no custom_id (a non-empty string).",
+                         "custom_id")
+    if len(custom_id) > 512:
+        return LineError(number, "invalid_custom_id", f"Line {number}: custom_id is longer than 512 characters.",
+                         "custom_id", custom_id[:512])
+    if data.get("method") != "POST":
+        return LineError(number, "invalid_method", f"Line {number}: method must be \"POST\".", "method", custom_id)
+    if data.get("url") != endpoint:
+        return LineError(number, "mismatched_url", f"Line {number}: url is {data.get('url')!r} but the batch's "
+                         f"endpoint is {endpoint!r}; every line must use the batch's endpoint.", "url", custom_id)
+    body = data.get("body")
+    if not isinstance(body, dict):
+        return LineError(number, "invalid_body", f"Line {number}: body must be a JSON object (the request).", "body",
+                         custom_id)
+    if body.get("stream"):
+        return LineError(number, "invalid_body", f"Line {number}: body.stream is not possible in a batch; leave it "
+                         "out.", "body.stream", custom_id)
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        return LineError(number, "invalid_body", f"Line {number}: log-probabilities are not returned by Citadel's "
+                         "batches yet; leave logprobs out or send the request on its own.", "body.logprobs", custom_id)
+    serializer = SERIALIZERS[endpoint](data=body)
+    if not serializer.is_valid():
+        param, message = _first_error(serializer.errors)
+        return LineError(number, "invalid_body", f"Line {number}: {param}: {message}", param, custom_id)
+    return ValidLine(number, custom_id, serializer.validated_data["model"], serializer.payload())
+
+
+def metadata_check(metadata) -> str | None:
+    """Why `metadata` is not OpenAI's: up to 16 string keys of 64 characters, string values of 512."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > 16:
+        return "metadata must be an object of at most 16 keys."
+    for key, value in metadata.items():
+        if not isinstance(key, str) or len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+            return "metadata keys must be strings of up to 64 characters and values strings of up to 512."
+    return None
