@@ -165,13 +165,18 @@ def test_a_job_that_lost_its_workers_too_often_fails_with_the_reason(world, job,
                                       target_id=job.openai_id).exists()
 
 
-def test_a_job_whose_worker_is_alive_is_left_alone(world, job):
-    job = services.job_claim(job_id=job.id, worker_name="ft-pool@alive")
+def test_a_job_whose_worker_is_alive_is_left_alone_but_not_after_that_worker_restarted(world, job):
+    job = services.job_claim(job_id=job.id, worker_name="ft-pool@alive", pid=3)
     worker_heartbeat(name="ft-pool@alive", pool_name="ft-pool", hostname="h", pid=3, loaded_models=[])
     FineTuningJob.objects.filter(pk=job.pk).update(last_progress_at=timezone.now() - timedelta(minutes=5))
     assert services.jobs_recover() == {"requeued": 0, "failed": 0, "resent": 0}
     job.refresh_from_db()
     assert job.status == "running"
+    worker_heartbeat(name="ft-pool@alive", pool_name="ft-pool", hostname="h", pid=4, loaded_models=[])
+    assert services.jobs_recover()["requeued"] == 1
+    job.refresh_from_db()
+    assert job.status == "queued"
+    assert "restarted (process 3 is gone, 4 runs now)" in FineTuningEvent.objects.filter(job=job).first().message
 
 
 def test_a_lost_message_is_sent_again_and_a_revoked_policy_fails_the_queued_job(world, job):

@@ -109,6 +109,9 @@ class FineTuningJob(models.Model):
     output_dir = models.CharField(max_length=1000, help_text="Checkpoints and the adapter, at the training "
                                                              "file's storage site.")
     worker_name = models.CharField(max_length=200, blank=True)
+    worker_pid = models.IntegerField(null=True, blank=True,
+                                     help_text="The process running it: a worker restarted under the same name "
+                                               "(a new pid) no longer runs it.")
     attempts = models.PositiveIntegerField(default=0, help_text="Times a worker started (or resumed) it.")
     dispatch_count = models.PositiveIntegerField(default=0)
     dispatched_at = models.DateTimeField(null=True, blank=True)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import re
 import uuid
 from datetime import timedelta
@@ -315,17 +316,19 @@ def job_cancel(*, job: FineTuningJob, actor: Actor, request=None) -> FineTuningJ
 # -- jobs: worker side ------------------------------------------------------------------------------
 
 @transaction.atomic
-def job_claim(*, job_id, worker_name: str) -> FineTuningJob | None:
-    """Move a queued job to running on this worker; None when it is not queued any more (finished,
-    cancelled, or running elsewhere), so a redelivered or duplicate message does no harm."""
+def job_claim(*, job_id, worker_name: str, pid: int | None = None) -> FineTuningJob | None:
+    """Move a queued job to running on this worker (process `pid`, default this one); None when it is
+    not queued any more (finished, cancelled, or running elsewhere), so a redelivered or duplicate
+    message does no harm."""
     job = (FineTuningJob.objects.select_for_update(of=("self",))
            .select_related("model", "training_file", "validation_file").filter(pk=job_id).first())
     if job is None or job.status != FineTuningJob.Status.QUEUED:
         return None
     now = timezone.now()
     job.status, job.worker_name, job.attempts = FineTuningJob.Status.RUNNING, worker_name, job.attempts + 1
+    job.worker_pid = pid if pid is not None else os.getpid()
     job.started_at, job.last_progress_at = job.started_at or now, now
-    job.save(update_fields=["status", "worker_name", "attempts", "started_at", "last_progress_at"])
+    job.save(update_fields=["status", "worker_name", "worker_pid", "attempts", "started_at", "last_progress_at"])
     checkpoint = job.checkpoints.order_by("-step").first()
     if checkpoint is not None:
         message = f"Resuming from the checkpoint at step {checkpoint.step} on worker {worker_name} " \
@@ -575,6 +578,20 @@ def _requeue(job: FineTuningJob, *, why: str) -> str | None:
     return "requeued"
 
 
+def _worker_gone(job: FineTuningJob) -> str | None:
+    """Why the process that ran `job` is gone, or None while it lives: its heartbeat stopped, or a
+    worker of the same name restarted (another pid) and so is not running it any more."""
+    from citadel.registry.selectors import workers_live
+
+    worker = workers_live().filter(name=job.worker_name).first()
+    if worker is None:
+        return f"Worker {job.worker_name} stopped responding while training (step {job.step})."
+    if job.worker_pid is not None and worker.pid is not None and worker.pid != job.worker_pid:
+        return (f"Worker {job.worker_name} restarted (process {job.worker_pid} is gone, {worker.pid} runs now) "
+                f"while training (step {job.step}).")
+    return None
+
+
 def jobs_recover(*, resend_after: timedelta | None = None) -> dict:
     """Beat's sweep, so that no job is left running or queued for ever without anyone working on it.
 
@@ -585,8 +602,6 @@ def jobs_recover(*, resend_after: timedelta | None = None) -> dict:
     - queued, sent long ago, and a live worker now serves an allowed pool: sent again (the message
       may have been lost; a duplicate is harmless, job_claim runs a job once).
     """
-    from citadel.registry.selectors import worker_is_live
-
     stale = timedelta(seconds=settings.CITADEL_WORKER_STALE_SECONDS)
     now = timezone.now()
     counts = {"requeued": 0, "failed": 0, "resent": 0}
@@ -599,9 +614,9 @@ def jobs_recover(*, resend_after: timedelta | None = None) -> dict:
             continue
         if job.last_progress_at and now - job.last_progress_at < stale:
             continue  # recent progress: its worker is alive even if its heartbeat row lags
-        if not worker_is_live(name=job.worker_name):
-            outcome = _requeue(job, why=f"Worker {job.worker_name} stopped responding while training "
-                                        f"(step {job.step}).")
+        why = _worker_gone(job)
+        if why:
+            outcome = _requeue(job, why=why)
             if outcome:
                 counts[outcome] += 1
     cutoff = now - (resend_after or timedelta(seconds=60))
