@@ -11,6 +11,7 @@ urlpatterns = [
     path("login/totp/", views_account.login_totp, name="login-totp"),
     path("account/", views_account.account_page, name="account"),
     path("account/totp/", views_account.account_totp, name="account-totp"),
+    path("teams/<str:name>/", views_account.team_page, name="team"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("models/", views.models_page, name="models"),
     path("playground/", views.playground, name="playground"),

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.contrib import auth
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -21,7 +22,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from citadel.accounts import permissions as perms
 from citadel.accounts.lockout import login_lock_active
 from citadel.accounts.middleware import ENROL_REQUIRED
-from citadel.accounts.models import ApiKey, EndpointGroup, Membership, Team, TotpDevice
+from citadel.accounts.models import ApiKey, EndpointGroup, Membership, Role, Team, TotpDevice
 from citadel.accounts.services import api_key_create, api_key_revoke
 from citadel.accounts.totp import (
     mfa_required,
@@ -32,7 +33,7 @@ from citadel.accounts.totp import (
     totp_verify,
 )
 from citadel.audit.services import Actor
-from citadel.core.exceptions import CitadelError
+from citadel.core.exceptions import CitadelError, NotFound
 from citadel.core.net import client_address
 
 PENDING = "citadel_mfa_pending"
@@ -166,3 +167,39 @@ def _account_post(request):
     return api_key_create(user=request.user, name=request.POST.get("name", ""), team=team, actor=actor,
                           request=request, scopes=request.POST.getlist("scopes") or None,
                           expires_in_days=int(days) if days and days.isdigit() else None)
+
+
+@login_required
+def team_page(request, name: str):
+    """A team's members and roles, and its quota; the team's admins (and platform administrators)
+    add members and change or remove roles here, with the same checks as the management API."""
+    from citadel.accounts.services import membership_remove, membership_set
+    from citadel.quotas.models import Quota
+
+    try:
+        team = perms.object_get(request.user, Team.objects.all(), team_field="pk", owner_field=None, what="team",
+                                name=name)
+    except NotFound:
+        raise Http404(f"No team named {name!r}.") from None
+    error = None
+    can_manage = perms.is_platform_admin(request.user) or team.pk in perms.team_ids(request.user, {Role.ADMIN})
+    if request.method == "POST":
+        try:
+            perms.team_role_required(request.user, team, {Role.ADMIN})
+            user = auth.get_user_model().objects.filter(username=request.POST.get("user", "")).first()
+            if user is None:
+                raise NotFound(f"No user named {request.POST.get('user', '')!r}.")
+            previous = team.memberships.filter(user=user).first()
+            role = request.POST.get("role") or None
+            perms.role_grant_check(request.user, role, previous.role if previous else None)
+            if request.POST.get("action") == "remove":
+                membership_remove(team=team, user=user, actor=Actor.for_user(request.user), request=request)
+            else:
+                membership_set(team=team, user=user, role=role or "", actor=Actor.for_user(request.user),
+                               request=request)
+        except CitadelError as exc:
+            error = exc.message
+    return render(request, "frontend/team.html", {
+        "team": team, "memberships": team.memberships.select_related("user"), "roles": Role.choices,
+        "quota": Quota.objects.filter(team=team).first(), "can_manage": can_manage, "error": error,
+    }, status=400 if error else 200)

@@ -194,3 +194,22 @@ def test_the_account_page_shows_roles_and_creates_a_scoped_key_shown_once(alice)
     page = client.post("/account/", {"name": "notebook", "team": "research", "scopes": ["inference", "files"]})
     assert page.status_code == 200 and b'id="new-key"' in page.content
     assert b"ML engineer" in page.content and b"inference, files" in page.content
+
+
+def test_a_team_admin_manages_members_on_the_team_page_and_others_only_read_it(alice):
+    team = team_create(name="research", actor=Actor.system())
+    membership_set(team=team, user=alice, role=Role.ADMIN, actor=Actor.system())
+    bob = get_user_model().objects.create_user("bob", password="x" * 16)
+    lead = Client()
+    lead.force_login(alice)
+    assert lead.post("/teams/research/", {"user": "bob", "role": "ml_engineer"}).status_code == 200
+    assert bob.memberships.get().role == "ml_engineer"
+    assert lead.post("/teams/research/", {"user": "bob", "role": "operator"}).status_code == 400  # platform's
+    member = Client()
+    member.force_login(bob)
+    page = member.get("/teams/research/")
+    assert page.status_code == 200 and b'id="member-form"' not in page.content
+    assert member.post("/teams/research/", {"user": "bob", "role": "admin"}).status_code == 400
+    outsider = Client()
+    outsider.force_login(get_user_model().objects.create_user("eve", password="x" * 16))
+    assert outsider.get("/teams/research/").status_code == 404
