@@ -126,6 +126,16 @@ def test_a_worker_shutting_down_hands_its_job_back_to_resume_elsewhere(world, jo
     assert AuditRecord.objects.get(action="finetuning.job.requeue").details["reason"] == "worker shutting down"
 
 
+def test_a_queued_job_does_not_start_where_the_policy_no_longer_allows_it(world, job):
+    world.policy.processing_sites.clear()
+    assert services.job_claim(job_id=job.id, worker_name="w1") is None
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_code == "residency_denied" and job.attempts == 0
+    assert "Not started: Policy" in job.error_message and job.started_at is None
+    assert AuditRecord.objects.filter(action="finetuning.job.complete", outcome="failure",
+                                      target_id=job.openai_id).exists()
+
+
 def _running_on_dead_worker(job, worker="w1"):
     job = services.job_claim(job_id=job.id, worker_name=worker)
     long_ago = timezone.now() - timedelta(minutes=5)

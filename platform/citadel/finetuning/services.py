@@ -321,8 +321,17 @@ def job_claim(*, job_id, worker_name: str, pid: int | None = None) -> FineTuning
     not queued any more (finished, cancelled, or running elsewhere), so a redelivered or duplicate
     message does no harm."""
     job = (FineTuningJob.objects.select_for_update(of=("self",))
-           .select_related("model", "training_file", "validation_file").filter(pk=job_id).first())
+           .select_related("model", "training_file", "validation_file", "pool", "team", "data_class")
+           .filter(pk=job_id).first())
     if job is None or job.status != FineTuningJob.Status.QUEUED:
+        return None
+    # The policy may have changed since the job was queued: it runs only where it allows now.
+    decision = decide(team=job.team, data_class=job.data_class, model=job.model, purpose="fine_tuning")
+    if not decision.allowed or job.pool_id not in {pool.pk for pool in decision.pools}:
+        why = decision.reason if not decision.allowed else (
+            f"Pool '{job.pool.name}' is no longer among the pools its residency policy allows.")
+        job_fail(job_id=job.id, code="residency_denied", message=f"Not started: {why}",
+                 actor=Actor.system(worker_name))
         return None
     now = timezone.now()
     job.status, job.worker_name, job.attempts = FineTuningJob.Status.RUNNING, worker_name, job.attempts + 1
