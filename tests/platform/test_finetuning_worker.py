@@ -96,6 +96,14 @@ def test_a_redelivered_message_does_nothing_for_a_job_that_is_running_or_finishe
     assert job.status == "running" and job.worker_name == "w1" and job.attempts == 1
 
 
+def test_a_worker_busy_training_sends_another_job_back_to_its_queue(world, job, monkeypatch):
+    monkeypatch.setattr(tasks, "_slots", SimpleNamespace(acquire=lambda timeout: False))
+    world.published.clear()
+    tasks.run_job(str(job.id))  # no slot free in this process
+    job.refresh_from_db()
+    assert job.status == "queued" and job.attempts == 0 and world.published == [(str(job.id), "pool.ft-pool")]
+
+
 def test_the_trainer_is_told_to_stop_within_a_second_of_a_cancel(world, job):
     job = services.job_claim(job_id=job.id, worker_name="w1")
     progress = tasks._Progress(job, "w1")

@@ -353,6 +353,12 @@ def job_claim(*, job_id, worker_name: str, pid: int | None = None) -> FineTuning
     return job
 
 
+def job_queue(*, job_id) -> str | None:
+    """The pool queue of a job still waiting for a worker; None once it started or ended."""
+    job = FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.Status.QUEUED).select_related("pool").first()
+    return job.pool.queue if job is not None and job.pool_id else None
+
+
 def job_owned_by(*, job_id, worker_name: str) -> bool:
     """Is the job still running on this worker? False once cancelled, failed, or handed to another
     worker after this one was thought dead: the trainer then stops."""

@@ -33,6 +33,10 @@ TIME_LIMIT = SOFT_TIME_LIMIT + 300
 # Set when this worker process begins a warm shutdown: running trainings hand their jobs back to
 # the queue (to resume from their last checkpoint elsewhere) instead of holding the shutdown for hours.
 _shutting_down = threading.Event()
+# Trainings this process runs at once (CITADEL_FINETUNE_WORKER_SLOTS): the worker's threads also
+# serve inference, and two trainings on one GPU could both run out of memory.
+_slots = threading.BoundedSemaphore(max(1, settings.CITADEL_FINETUNE_WORKER_SLOTS))
+SLOT_WAIT_SECONDS = 30.0
 
 
 @worker_shutting_down.connect
@@ -91,7 +95,20 @@ def _train(job, progress: _Progress):
 @shared_task(name="citadel.finetuning.run_job", bind=True, acks_late=True, soft_time_limit=SOFT_TIME_LIMIT,
              time_limit=TIME_LIMIT, max_retries=0, ignore_result=True)
 def run_job(self, job_id: str) -> None:
-    worker = self.request.hostname or "worker"
+    if not _slots.acquire(timeout=SLOT_WAIT_SECONDS):
+        # Busy training already: send the id back to the pool's queue, where an idle worker (or
+        # this one, later) takes it. The job is still queued in the database whatever happens.
+        queue = services.job_queue(job_id=job_id)
+        if queue:
+            run_job.apply_async(args=[job_id], queue=queue)
+        return
+    try:
+        _run(job_id, worker=self.request.hostname or "worker")
+    finally:
+        _slots.release()
+
+
+def _run(job_id: str, *, worker: str) -> None:
     actor = Actor.system(worker)
     job = services.job_claim(job_id=job_id, worker_name=worker)
     if job is None:

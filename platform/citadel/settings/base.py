@@ -22,6 +22,7 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_FINETUNE_MAX_ATTEMPTS  workers a job may be started on before a lost worker fails it (3)
     CITADEL_FINETUNE_TIME_LIMIT_SECONDS  a training run is stopped and failed after this long (86400)
     CITADEL_FINETUNE_DEVICE  the trainer's device on workers: auto, cpu or cuda (auto)
+    CITADEL_FINETUNE_WORKER_SLOTS  fine-tuning jobs one worker process trains at once (1)
     CITADEL_BATCH_MAX_FILE_BYTES  largest batch input file (200 MiB); CITADEL_BATCH_MAX_LINES (50000)
     CITADEL_BATCH_CHUNK_LINES  lines a worker hands the engine at once (64); CITADEL_BATCH_FEEDERS  chunks
                          in flight per batch task (2), so the engine's batch refills while a chunk is saved
@@ -221,6 +222,7 @@ CITADEL_FINETUNE_TEAM_TOKENS_30D = env.int("CITADEL_FINETUNE_TEAM_TOKENS_30D", d
 CITADEL_FINETUNE_MAX_ATTEMPTS = env.int("CITADEL_FINETUNE_MAX_ATTEMPTS", default=3)
 CITADEL_FINETUNE_TIME_LIMIT_SECONDS = env.int("CITADEL_FINETUNE_TIME_LIMIT_SECONDS", default=24 * 3600)
 CITADEL_FINETUNE_DEVICE = env.str("CITADEL_FINETUNE_DEVICE", default="auto")
+CITADEL_FINETUNE_WORKER_SLOTS = env.int("CITADEL_FINETUNE_WORKER_SLOTS", default=1)
 # Batches (citadel.batches) and metrics (citadel.usage.metrics).
 CITADEL_BATCH_MAX_FILE_BYTES = env.int("CITADEL_BATCH_MAX_FILE_BYTES", default=200 * 1024 * 1024)
 CITADEL_BATCH_MAX_LINES = env.int("CITADEL_BATCH_MAX_LINES", default=50_000)
