@@ -32,7 +32,7 @@ from .engine.sequence import Sequence
 from .loader import check_checkpoint_folder, load_tokenizer, resolve_device, resolve_dtype
 from .lora import LoRAAdapter, LoRARequest, load_adapter
 from .lora.adapter import adapter_cache_key
-from .lora.layers import lora_targets
+from .lora.layers import lora_targets, token_modules
 from .models import registry
 from .outputs import RequestOutput, StreamEvent
 from .sampling_params import SamplingParams
@@ -87,7 +87,7 @@ class LLM:
         self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
         self._adapters: collections.OrderedDict[str, LoRAAdapter] = collections.OrderedDict()
         self._adapters_lock = threading.Lock()
-        self._lora_targets: dict[str, tuple[int, int]] | None = None
+        self._lora_targets: tuple[dict, dict] | None = None
 
         # Runs in the engine loop thread (see engine/loop.py). It must not hold `self`, or the
         # thread would keep this LLM alive and __del__ would never stop it.
@@ -209,11 +209,11 @@ class LLM:
             if adapter is not None and adapter.name == request.name:
                 self._adapters.move_to_end(key)
                 return adapter
+            model = self._loop.engine.runner.model
             if self._lora_targets is None:
-                self._lora_targets = lora_targets(self._loop.engine.runner.model)
-            targets = self._lora_targets
-        model = self._loop.engine.runner.model
-        adapter = load_adapter(request, targets, model.lora_module_name)
+                self._lora_targets = lora_targets(model), token_modules(model)
+            targets, tokens = self._lora_targets
+        adapter = load_adapter(request, targets, model.lora_module_name, tokens)
         with self._adapters_lock:
             self._adapters[adapter.key] = adapter
             while len(self._adapters) > ADAPTERS_KEPT_IN_HOST_MEMORY:

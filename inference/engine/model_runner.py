@@ -137,9 +137,18 @@ class ModelRunner:
         rows = sample_rows + [
             r for _, targets, first in prompt_rows for r in range(first, first + len(targets))
         ]
-        logits = self.model.compute_logits(
-            hidden[torch.tensor(rows, dtype=torch.long, device=device)]
-        ).float()
+        selected = hidden[torch.tensor(rows, dtype=torch.long, device=device)]
+        row_adapters = [seq.lora for seq in sample_seqs] + [
+            seq.lora for seq, targets, _ in prompt_rows for _ in targets
+        ]
+        if self.lora is not None and any(a is not None and a.token_rows for a in row_adapters):
+            self.lora.set_logits_batch(row_adapters, device)
+            try:
+                logits = self.model.compute_logits(selected).float()
+            finally:
+                self.lora.clear_batch()
+        else:
+            logits = self.model.compute_logits(selected).float()
         parts, offset = [], len(sample_rows)
         for seq, targets, _ in prompt_rows:
             parts.append((seq, targets, logits[offset : offset + len(targets)]))

@@ -7,8 +7,10 @@ the request. Only safetensors are read; PEFT's legacy adapter_model.bin (pickle)
 
 PEFT computes a LoRA linear as  base(x) + scaling * B(A(dropout(x)))  with scaling
 lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), per module when alpha_pattern or
-rank_pattern say so. Dropout is off at inference. Variants that change that formula (DoRA, LoRA
-biases, trained copies of whole modules) are refused rather than served differently.
+rank_pattern say so. Dropout is off at inference. An adapter may also carry trained rows of the
+input embedding and of the output head (PEFT's trainable_token_indices): those rows replace the
+base model's for the adapter's requests. Variants that change the formula (DoRA, LoRA biases,
+trained copies of whole modules) are refused rather than served differently.
 """
 
 from __future__ import annotations
@@ -46,22 +48,30 @@ class LoRAAdapter:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
     """native module name -> (A [r, in], B [out, r], scaling)."""
     rank: int = 0
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    """"input" / "output" -> (token ids [n], their rows [n, dim]) replacing the embedding's / head's rows."""
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values())
+        return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values()) + sum(
+            v.nbytes for _, v in self.token_rows.values()
+        )
 
 
 def load_adapter(
     request: LoRARequest,
     targets: dict[str, tuple[int, int]],
     name_map: Callable[[str], str | None],
+    token_modules: dict[str, tuple[str, int, int]] | None = None,
 ) -> LoRAAdapter:
     """Read `request`'s folder and return its weights for the modules in `targets`.
 
     targets: native module name -> (in_features, out_features) of each linear the engine can adapt.
     name_map: the base model's module name as PEFT saved it (transformers' names) -> the engine's
     name, or None when that module has no counterpart the engine can adapt.
+    token_modules: "input" / "output" -> (native module name, vocabulary size, hidden size) of the
+    embedding and the LM head, for adapters that train some of their rows; "tied" -> the same when
+    the head shares the embedding's weight.
     """
     folder = Path(request.path)
     if not folder.is_dir():
@@ -95,7 +105,12 @@ def load_adapter(
         ) from error
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    token_deltas: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
+        token_match = re.fullmatch(r"(.+)\.token_adapter\.trainable_tokens_delta", key)
+        if token_match is not None:
+            token_deltas[token_match.group(1).removeprefix(PEFT_PREFIX)] = tensor
+            continue
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
         if match is None:
             raise AdapterError(
@@ -104,7 +119,7 @@ def load_adapter(
             )
         module = match.group(1).removeprefix(PEFT_PREFIX)
         pairs.setdefault(module, {})[match.group(2)] = tensor
-    if not pairs:
+    if not pairs and not token_deltas:
         raise AdapterError(f"adapter {request.name!r}: {weights_path} holds no LoRA weights")
 
     supported = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in targets})) or "none"
@@ -133,10 +148,48 @@ def load_adapter(
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"adapter {request.name!r}: {hf_name} holds non-finite values (NaN or inf)")
         modules[native] = (a.contiguous(), b.contiguous(), _scaling(config, hf_name, rank))
+    token_rows = _token_rows(request.name, config, token_deltas, name_map, token_modules or {})
     stat = weights_path.stat()
     key = f"{weights_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    rank = max(a.shape[0] for a, _, _ in modules.values())
-    return LoRAAdapter(name=request.name, path=folder, key=key, modules=modules, rank=rank)
+    rank = max((a.shape[0] for a, _, _ in modules.values()), default=0)
+    return LoRAAdapter(
+        name=request.name, path=folder, key=key, modules=modules, rank=rank, token_rows=token_rows
+    )
+
+
+def _token_rows(name: str, config: dict, deltas: dict[str, torch.Tensor], name_map, token_modules: dict):
+    """{"input"/"output": (ids, rows)} from PEFT's trainable-token tensors and trainable_token_indices."""
+    if not deltas:
+        return {}
+    indices = config.get("trainable_token_indices")
+    roles = {module: role for role, (module, _, _) in token_modules.items() if role != "tied"}
+    rows = {}
+    for hf_name, values in sorted(deltas.items()):
+        role = roles.get(name_map(hf_name) or "")
+        if role is None:
+            raise AdapterError(
+                f"adapter {name!r} trains token rows of {hf_name}, which is neither the input "
+                "embedding nor the output head of this model"
+            )
+        leaf = hf_name.rsplit(".", 1)[-1]
+        ids = indices.get(leaf) if isinstance(indices, dict) else (indices if role == "input" else None)
+        _, vocab, dim = token_modules[role]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise AdapterError(
+                f"adapter {name!r}: trainable_token_indices for {leaf} must be a list of token ids "
+                f"below {vocab}, got {ids!r}"
+            )
+        if tuple(values.shape) != (len(ids), dim):
+            raise AdapterError(
+                f"adapter {name!r}: {hf_name} has trained rows of shape {tuple(values.shape)}, but "
+                f"{len(ids)} token ids of a {dim}-wide model need ({len(ids)}, {dim})"
+            )
+        if not torch.isfinite(values).all():
+            raise AdapterError(f"adapter {name!r}: {hf_name} holds non-finite values (NaN or inf)")
+        rows[role] = (torch.tensor(ids, dtype=torch.long), values.contiguous())
+    if "input" in rows and "output" not in rows and "tied" in token_modules:
+        rows["output"] = rows["input"]  # a tied head reads the same rows (PEFT ties the two adapters)
+    return rows
 
 
 def _check_config(name: str, config: dict) -> None:

@@ -29,6 +29,8 @@ class LoRABatch:
 
     active: list[tuple[str, torch.Tensor | None]] = field(default_factory=list)
     """(adapter key, row indices [n] on the device, or None when the adapter has every row)."""
+    active_logits: list[tuple[str, torch.Tensor | None]] = field(default_factory=list)
+    """The same for the rows of the hidden states that reach the LM head (compute_logits)."""
 
 
 class LoRALinear(nn.Module):
@@ -57,6 +59,74 @@ class LoRALinear(nn.Module):
                 delta = F.linear(F.linear(x.index_select(0, rows), a), b) * scaling
                 out = out.index_add(0, rows, delta)
         return out
+
+
+class TokenRowsEmbedding(nn.Module):
+    """Wraps the input embedding: an adapter's trained rows replace the base rows of its tokens."""
+
+    def __init__(self, base: nn.Embedding, batch: LoRABatch):
+        super().__init__()
+        self.base, self.batch = base, batch
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """adapter key -> (row of each vocabulary id in `values`, -1 for none [vocab], values [n, dim])."""
+
+    def add(self, key: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        weight = self.base.weight
+        slot_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slot_of[ids.to(weight.device)] = torch.arange(len(ids), device=weight.device)
+        self.adapters[key] = (slot_of, values.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        for key, rows in self.batch.active:
+            entry = self.adapters.get(key)
+            if entry is None:
+                continue
+            slot_of, values = entry
+            slots = slot_of[ids if rows is None else ids.index_select(0, rows)]
+            hit = (slots >= 0).nonzero().flatten()
+            if hit.numel():
+                target = hit if rows is None else rows.index_select(0, hit)
+                out = out.index_copy(0, target, values.index_select(0, slots.index_select(0, hit)))
+        return out
+
+
+class TokenRowsHead(nn.Module):
+    """Wraps the LM head: an adapter's trained rows give the logits of its tokens for its requests."""
+
+    def __init__(self, base: nn.Module, batch: LoRABatch):
+        super().__init__()
+        self.base, self.batch = base, batch
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """adapter key -> (token ids [n], rows [n, dim])."""
+
+    def add(self, key: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        weight = self.base.weight
+        self.adapters[key] = (ids.to(weight.device), values.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.base(hidden)
+        for key, rows in self.batch.active_logits:
+            entry = self.adapters.get(key)
+            if entry is None:
+                continue
+            ids, values = entry
+            if rows is None:
+                out[:, ids] = F.linear(hidden, values)
+            else:
+                out[rows[:, None], ids[None, :]] = F.linear(hidden.index_select(0, rows), values)
+        return out
+
+
+def wrap_module(model: nn.Module, name: str, wrapper):
+    """Replace module `name` of `model` by wrapper(module), unless it is wrapped already; return the wrapper."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = getattr(parent, child)
+    if not isinstance(layer, TokenRowsEmbedding | TokenRowsHead):
+        layer = wrapper(layer)
+        setattr(parent, child, layer)
+    return layer
 
 
 def wrap_linears(model: nn.Module, names: list[str], batch: LoRABatch) -> dict[str, LoRALinear]:
@@ -94,4 +164,19 @@ def lora_targets(model: nn.Module) -> dict[str, tuple[int, int]]:
             if excluded and re.search(excluded, name):
                 continue
             found[name] = (module.in_features, module.out_features)
+    return found
+
+
+def token_modules(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """ "input"/"output" (and "tied") -> (module name, vocabulary size, hidden size) of the embedding and
+    the LM head named by the model's `lora_token_modules`, for adapters that train token rows."""
+    found = {}
+    weights = {}
+    for role, name in getattr(model, "lora_token_modules", {}).items():
+        module = model.get_submodule(name)
+        module = getattr(module, "base", module)  # already wrapped
+        vocab, dim = module.weight.shape
+        found[role], weights[role] = (name, vocab, dim), module.weight
+    if "input" in weights and "output" in weights and weights["input"] is weights["output"]:
+        found["tied"] = found["output"]
     return found

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from .adapter import LoRAAdapter
-from .layers import LoRABatch, LoRALinear, wrap_linears
+from .layers import LoRABatch, LoRALinear, TokenRowsEmbedding, TokenRowsHead, wrap_linears, wrap_module
 
 
 class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int):
         self.model = model
+        self.token_layers: dict[str, TokenRowsEmbedding | TokenRowsHead] = {}
         self.max_loras = max_loras
         self.batch = LoRABatch()
         self.layers: dict[str, LoRALinear] = {}
@@ -63,8 +64,20 @@ class LoRAManager:
             for key, r in rows.items()
         ]
 
+    def set_logits_batch(self, adapters: list[LoRAAdapter | None], device) -> None:
+        """Point the LM head at the adapter of each row of the hidden states that reach it."""
+        rows: dict[str, list[int]] = {}
+        for i, adapter in enumerate(adapters):
+            if adapter is not None and adapter.token_rows:
+                rows.setdefault(adapter.key, []).append(i)
+        self.batch.active_logits = [
+            (key, None if len(r) == len(adapters) else torch.tensor(r, dtype=torch.long, device=device))
+            for key, r in rows.items()
+        ]
+
     def clear_batch(self) -> None:
         self.batch.active = []
+        self.batch.active_logits = []
 
     def stats(self) -> dict:
         return {
@@ -89,6 +102,12 @@ class LoRAManager:
                 b.to(device=device, dtype=dtype),
                 scaling,
             )
+        for role, (ids, values) in adapter.token_rows.items():
+            name = self.model.lora_token_modules[role]
+            if name not in self.token_layers:
+                wrapper = TokenRowsEmbedding if role == "input" else TokenRowsHead
+                self.token_layers[name] = wrap_module(self.model, name, lambda m, w=wrapper: w(m, self.batch))
+            self.token_layers[name].add(adapter.key, ids, values)
         self.loaded[adapter.key] = adapter
         self.loads += 1
 
@@ -98,6 +117,8 @@ class LoRAManager:
                 adapter = self.loaded.pop(key)
                 for name in adapter.modules:
                     self.layers[name].adapters.pop(key, None)
+                for layer in self.token_layers.values():
+                    layer.adapters.pop(key, None)
                 self.evictions += 1
                 return True
         return False

@@ -49,6 +49,8 @@ _SKIPPED_PREFIXES = ("mtp.",)
 # -> this model's names. transformers' o_a_proj is a grouped projection whose LoRA PEFT cannot
 # apply either, so it has no counterpart; routed experts are stacked parameters there.
 _LORA_NAMES = (
+    (r"model\.embed_tokens", "embed"),
+    (r"lm_head", "head"),
     (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.scorer\.weights_proj", r"layers.\1.attn.indexer.weights_proj"),
     (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.q_b_proj", r"layers.\1.attn.indexer.wq_b"),
     (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.kv_proj", r"layers.\1.attn.indexer.compressor.wkv"),
@@ -112,6 +114,8 @@ class CitadelDeepseekV4(nn.Module):
     """Linears quantize_linears leaves alone: the LM head, and the compressor and indexer projections that
     DeepSeek's own FP8 checkpoints ship unquantized."""
 
+    lora_token_modules = {"input": "embed", "output": "head"}
+    """Where an adapter's trained token rows go (inference/lora)."""
     loads_native_fp8 = True
     """DeepSeek's FP8 checkpoints (weight + weight_scale_inv) load as they are (models/registry.py)."""
 

@@ -114,6 +114,9 @@ class Qwen3MoeForCausalLM(nn.Module):
     parameters, not linears, and stay in the model's dtype.)"""
     """Linears that serve no LoRA (inference/lora); the stacked experts are parameters, not linears."""
 
+    lora_token_modules = {"input": "model.embed_tokens", "output": "lm_head"}
+    """Where an adapter's trained token rows go (inference/lora)."""
+
     @staticmethod
     def lora_module_name(name: str) -> str:
         """A module's name in transformers' model (as PEFT saves it) -> its name here: the same."""

@@ -261,3 +261,49 @@ def test_an_adapter_on_routed_experts_is_refused_with_what_is_served(tiny_checkp
             llm.generate(PROMPTS[1], GREEDY, lora_request=LoRARequest("experts", adapter))
     finally:
         llm.close()
+
+
+def make_token_adapter(base: Path, out: Path, token_ids: list[int], heads: list[str], seed: int) -> Path:
+    """An adapter that also trains the rows of `token_ids` in the embedding (and untied head): PEFT's
+    trainable_token_indices, with rows set to random values so that they change the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+    indices = {name: token_ids for name in heads}
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "q_a_proj"],
+        init_lora_weights=False,
+        trainable_token_indices=indices,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.copy_(torch.randn_like(param) * 2)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", ["deepseek_v4", "qwen3_moe tied"])
+def test_an_adapter_with_trained_token_rows_matches_peft(family, tiny_checkpoint, v4_llm, tmp_path):
+    if family == "deepseek_v4":
+        base, llm, heads = tiny_checkpoint, v4_llm, ["embed_tokens", "lm_head"]
+    else:
+        base = build_qwen3_moe_checkpoint(tmp_path / "qwen", tiny_checkpoint, tie_word_embeddings=True)
+        llm, heads = LLM(base, device="cpu", dtype="float32"), ["embed_tokens"]
+    try:
+        prompt_ids = llm.generate(PROMPTS[0], SCORE)[0].prompt_token_ids
+        tokens = sorted(set(prompt_ids[1:6]))  # tokens the prompt feeds and predicts
+        adapter = make_token_adapter(base, tmp_path / "tokens", tokens, heads, seed=3)
+        reference = peft_reference(base, adapter)
+        request = LoRARequest("tokens", adapter)
+        outputs = llm.generate([PROMPTS[0], PROMPTS[0]], SCORE, lora_request=[request, None])
+        assert max_prompt_logprob_error(outputs[0], reference) <= 1e-3
+        assert max_prompt_logprob_error(outputs[1], reference) > 1e-2  # the base row in the same batch
+    finally:
+        if llm is not v4_llm:
+            llm.close()
