@@ -5,7 +5,7 @@
 
 Makes an RSA signing key, migrates a fresh SQLite database, creates the users (with their groups)
 and a confidential authorization-code client whose ID tokens are RS256-signed, then serves with
-gunicorn until killed. The issuer is http://127.0.0.1:<port>/o.
+gunicorn until killed. The issuer is http://<host>:<port>/o (host 127.0.0.1 unless --host).
 """
 
 import argparse
@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("--client-secret", required=True)
     parser.add_argument("--redirect-uri", action="append", required=True)
     parser.add_argument("--user", action="append", default=[], help="name:password:group,group")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="The issuer's host name; a browser test uses localhost so that the provider's cookies "
+                             "and Citadel's (on 127.0.0.1) do not overwrite each other (cookies ignore ports).")
     args = parser.parse_args()
 
     from cryptography.hazmat.primitives import serialization
@@ -33,7 +36,7 @@ def main() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    issuer = f"http://127.0.0.1:{args.port}/o"
+    issuer = f"http://{args.host}:{args.port}/o"
     os.environ.update(DJANGO_SETTINGS_MODULE="tests.oidc_provider.settings", OIDC_PROVIDER_DB=str(folder / "idp.db"),
                       OIDC_PROVIDER_KEY_FILE=str(key_file), OIDC_PROVIDER_ISSUER=issuer)
 
