@@ -213,3 +213,14 @@ def test_a_team_admin_manages_members_on_the_team_page_and_others_only_read_it(a
     outsider = Client()
     outsider.force_login(get_user_model().objects.create_user("eve", password="x" * 16))
     assert outsider.get("/teams/research/").status_code == 404
+
+
+def test_totp_secrets_are_stored_encrypted_and_survive_a_secret_key_rotation(alice):
+    device = _enrolled(alice)
+    stored = TotpDevice.objects.values_list("secret_encrypted", flat=True).get()
+    assert SECRET not in stored and TotpDevice.objects.get().secret == SECRET
+    with override_settings(SECRET_KEY="a-new-key", SECRET_KEY_FALLBACKS=["test-only-not-secret"]):
+        assert TotpDevice.objects.get(pk=device.pk).secret == SECRET
+    with override_settings(SECRET_KEY="a-new-key", SECRET_KEY_FALLBACKS=[]):
+        with pytest.raises(Exception):  # noqa: B017 - cryptography's InvalidToken: the old key is gone
+            _ = TotpDevice.objects.get(pk=device.pk).secret

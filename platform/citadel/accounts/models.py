@@ -144,16 +144,38 @@ class LoginLock(models.Model):
 
 
 class TotpDevice(models.Model):
-    """A user's TOTP secret (RFC 6238, 30 s, 6 digits, SHA-1: what authenticator apps expect).
+    """A user's TOTP secret (RFC 6238, 30 s, 6 digits, SHA-1: what authenticator apps expect), kept
+    encrypted so that a copy of the database alone does not give anyone the second factor.
 
     `last_step` is the time step of the last accepted code, so a code is accepted once only.
     """
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="totp_device")
-    secret = models.CharField(max_length=64, help_text="Base32, as in the otpauth URI.")
+    secret_encrypted = models.TextField(help_text="The base32 secret, encrypted with a key derived from SECRET_KEY "
+                                                  "(Fernet; SECRET_KEY_FALLBACKS still decrypt after a rotation).")
     confirmed_at = models.DateTimeField(null=True, blank=True)
     last_step = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
         return f"TOTP of {self.user}"
+
+    @property
+    def secret(self) -> str:
+        """The base32 secret, as in the otpauth URI (a database dump alone does not reveal it)."""
+        return _secret_cipher().decrypt(self.secret_encrypted.encode()).decode()
+
+    @secret.setter
+    def secret(self, value: str) -> None:
+        self.secret_encrypted = _secret_cipher().encrypt(value.encode()).decode()
+
+
+def _secret_cipher():
+    import base64
+    import hashlib
+
+    from cryptography.fernet import Fernet, MultiFernet
+
+    keys = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    return MultiFernet([Fernet(base64.urlsafe_b64encode(hashlib.sha256(b"citadel-totp:" + key.encode()).digest()))
+                        for key in keys])
