@@ -322,9 +322,9 @@ def test_loading_names_a_missing_unexpected_or_misshapen_tensor(tiny_checkpoint,
     bad = _copy_checkpoint(tiny_checkpoint, tmp_path / "bad", lambda t: t.update({name: torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match=r"has shape \(3, 3\)"):
         v4(bad)
-    scale = {"model.layers.0.attn.wq_a.scale": torch.ones(1)}  # how FP8 checkpoints store block scales
+    scale = {"model.layers.0.attn.wq_a.scale": torch.ones(1)}  # a scale beside a weight that is not FP8
     fp8 = _copy_checkpoint(tiny_checkpoint, tmp_path / "fp8", lambda t: t.update(scale))
-    with pytest.raises(CheckpointError, match="quantized"):
+    with pytest.raises(CheckpointError, match="belong to no FP8 weight"):
         v4(fp8)
     mtp = _copy_checkpoint(tiny_checkpoint, tmp_path / "mtp", lambda t: t.update({"mtp.0.x": torch.zeros(1)}))
     v4(mtp)  # multi-token-prediction layers are not used and are skipped
