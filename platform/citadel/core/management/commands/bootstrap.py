@@ -1,9 +1,10 @@
 """`citadel bootstrap`: what a first `make run` needs, done once and never twice.
 
 Creates the admin account (password generated, printed once, kept in the data dir with mode
-0600), the `local` worker pool at the `local` site, a residency policy that lets keys without a
-team process public and internal data there (keeping prompts' metadata only; residency denies
-what no policy allows), and registers and deploys the bundled demo model.
+0600), the `local` worker pool at the `local` site (storing files under the data dir), a residency
+policy that lets keys without a team process, store and fine-tune on public and internal data
+there (keeping prompts' metadata only; residency denies what no policy allows), and registers and
+deploys the bundled demo model.
 """
 
 from pathlib import Path
@@ -16,7 +17,7 @@ from citadel.audit.services import Actor
 from citadel.registry.models import Deployment, Model, WorkerPool
 from citadel.registry.services import deployment_create, model_register, pool_create
 from citadel.residency.models import DataClass, Policy
-from citadel.residency.services import policy_create
+from citadel.residency.services import policy_create, site_update
 
 DEMO_MODEL_NAME = "citadel-demo"
 LOCAL_POOL = "local"
@@ -55,11 +56,13 @@ class Command(BaseCommand):
                                   "administrators need a second factor (CITADEL_MFA_REQUIRED).")
         pool = WorkerPool.objects.filter(name=LOCAL_POOL).first() or pool_create(
             name=LOCAL_POOL, site="local", actor=actor, description="The workers started by `make run`.")
+        if not pool.site.storage_path:  # where uploaded fine-tuning datasets and adapters live
+            site_update(site=pool.site, actor=actor, storage_path=str(settings.DATA_DIR / "storage" / pool.site.name))
         for data_class in DataClass.objects.filter(name__in=["public", "internal"]):
             if not Policy.objects.filter(team=None, data_class=data_class).exists():
                 policy_create(team=None, data_class=data_class, actor=actor, processing_sites=[pool.site],
                               storage_sites=[pool.site], prompt_retention=Policy.Retention.METADATA,
-                              description="Made by `citadel bootstrap` for the local demo.")
+                              fine_tuning_allowed=True, description="Made by `citadel bootstrap` for the local demo.")
                 self.stdout.write(f"Allowed '{data_class.name}' data of keys without a team at site "
                                   f"'{pool.site.name}'")
         model = Model.objects.filter(name=DEMO_MODEL_NAME).first()
