@@ -359,3 +359,23 @@ def test_the_management_api_offers_the_same_to_a_signed_in_user(world):
     assert response.status_code == 400 and response.json()["field"] == "citadel.rank"
     schema = client.get("/api/schema/").content.decode()
     assert "/api/v1/fine-tuning/jobs/{job_id}/cancel/" in schema
+
+
+def test_the_embedded_install_lets_keys_without_a_team_fine_tune_the_demo_model(tmp_path, settings,
+                                                                               django_capture_on_commit_callbacks):
+    from django.core.management import call_command
+
+    settings.DATA_DIR = tmp_path / "data"
+    call_command("bootstrap")
+    call_command("bootstrap")  # twice: nothing new
+    user = get_user_model().objects.create_user("ml", password="x" * 16)
+    key = api_key_create(user=user, name="ft", actor=SYSTEM).key
+    response = Client().post("/v1/files", {"file": _named(jsonl(TRAIN_LINES[:16]), "t.jsonl"),
+                                           "purpose": "fine-tune"}, HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert response.status_code == 200, response.content
+    assert Path(File.objects.get().path).is_relative_to(tmp_path / "data" / "storage" / "local")
+    with django_capture_on_commit_callbacks(execute=False):
+        job = call("post", "/v1/fine_tuning/jobs", key, {"model": "citadel-demo", "training_file": response.json()[
+            "id"]})
+    assert job.status_code == 200, job.content
+    assert FineTuningJob.objects.get().pool.name == "local"
