@@ -1,11 +1,10 @@
 """Console sign-in and the account pages: password (with lockout), the TOTP step, TOTP enrolment,
 single sign-on, and the caller's teams, roles and API keys.
 
-Sign-in: a correct password of a user with a confirmed TOTP device does not sign in yet; the
-session (its id rotated) remembers who is half-way, for five minutes, and /login/totp/ finishes
-it. A user who must have a second factor (platform administrators, admins, operators) but has
-none is signed in only to enrol one: every other page sends them to /account/totp/ until then
-(citadel.accounts.middleware). Django's login() rotates the session id at each sign-in.
+Sign-in ends in citadel.accounts.signin (the second factor, shared with single sign-on): a user
+with a confirmed TOTP device finishes at /login/totp/; one who must have a second factor
+(platform administrators, admins, operators) but has none is signed in only to enrol one at
+/account/totp/ (citadel.accounts.middleware). Django's login() rotates the session id.
 """
 
 import time
@@ -24,8 +23,8 @@ from citadel.accounts.lockout import login_lock_active
 from citadel.accounts.middleware import ENROL_REQUIRED
 from citadel.accounts.models import ApiKey, EndpointGroup, Membership, Role, Team, TotpDevice
 from citadel.accounts.services import api_key_create, api_key_revoke
+from citadel.accounts.signin import PENDING, PENDING_SECONDS, sign_in_complete
 from citadel.accounts.totp import (
-    mfa_required,
     provisioning_uri,
     totp_confirm,
     totp_enrol_start,
@@ -35,9 +34,6 @@ from citadel.accounts.totp import (
 from citadel.audit.services import Actor
 from citadel.core.exceptions import CitadelError, NotFound
 from citadel.core.net import client_address
-
-PENDING = "citadel_mfa_pending"
-PENDING_SECONDS = 300
 
 
 class LoginView(auth_views.LoginView):
@@ -53,16 +49,7 @@ class LoginView(auth_views.LoginView):
 
     def form_valid(self, form):
         user = form.get_user()
-        if totp_enrolled(user):
-            self.request.session.cycle_key()
-            self.request.session[PENDING] = {"user": user.pk, "backend": user.backend, "at": time.time(),
-                                             "next": self.get_success_url()}
-            return redirect("frontend:login-totp")
-        response = super().form_valid(form)  # login(): a new session id
-        if mfa_required(user):
-            self.request.session[ENROL_REQUIRED] = True
-            return redirect("frontend:account-totp")
-        return response
+        return sign_in_complete(self.request, user, backend=user.backend, next_url=self.get_success_url())
 
 
 def login_totp(request):

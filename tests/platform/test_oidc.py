@@ -141,10 +141,15 @@ def _mapping_id(client, group):
     return next(m["id"] for m in client.get("/api/v1/sso/group-mappings/").json() if m["group"] == group)
 
 
-def test_a_platform_admin_group_makes_a_platform_administrator(sso, mapped):
+def test_a_platform_admin_group_makes_a_platform_administrator_who_still_enrols_citadels_totp(sso, mapped):
     client = Client()
-    _callback(client, _provider_login(_start(client), "erin"))
-    assert client.get("/api/v1/me/").json()["platform_admin"] is True
+    response = _callback(client, _provider_login(_start(client), "erin"))
+    assert response["Location"] == "/account/totp/"  # administrators need a second factor, SSO or not
+    assert get_user_model().objects.get(username="erin").is_staff
+    with override_settings(CITADEL_OIDC_MFA_FROM_PROVIDER=True):  # the provider is trusted to have asked
+        trusted = Client()
+        assert _callback(trusted, _provider_login(_start(trusted), "erin"))["Location"] == "/account/"
+        assert trusted.get("/api/v1/me/").json()["platform_admin"] is True
 
 
 def test_a_user_whose_groups_map_to_nothing_is_refused_and_audited(sso, mapped):

@@ -35,7 +35,8 @@ Variables (all optional here; production.py makes the secrets mandatory):
                          (3600 s) that lock the account or address for the cool-off (900 s)
     CITADEL_MFA_REQUIRED  console sign-ins of administrators and operators need TOTP (true)
     CITADEL_OIDC_ISSUER, CITADEL_OIDC_CLIENT_ID, CITADEL_OIDC_CLIENT_SECRET  single sign-on (off when unset);
-    CITADEL_OIDC_GROUPS_CLAIM (groups), CITADEL_OIDC_SCOPES ("openid email profile groups")
+    CITADEL_OIDC_GROUPS_CLAIM (groups), CITADEL_OIDC_SCOPES ("openid email profile groups"),
+    CITADEL_OIDC_MFA_FROM_PROVIDER  trust the provider's second factor for administrators (false)
 """
 
 import os
@@ -214,6 +215,9 @@ CITADEL_OIDC_CLIENT_ID = env.str("CITADEL_OIDC_CLIENT_ID", default="")
 CITADEL_OIDC_CLIENT_SECRET = env.str("CITADEL_OIDC_CLIENT_SECRET", default="")
 CITADEL_OIDC_GROUPS_CLAIM = env.str("CITADEL_OIDC_GROUPS_CLAIM", default="groups")
 CITADEL_OIDC_SCOPES = env.str("CITADEL_OIDC_SCOPES", default="openid email profile groups")
+# Single sign-on of administrators and operators still asks for Citadel's TOTP unless this says the
+# provider enforces a second factor itself.
+CITADEL_OIDC_MFA_FROM_PROVIDER = env.bool("CITADEL_OIDC_MFA_FROM_PROVIDER", default=False)
 # LoRA fine-tuning (citadel.finetuning): upload and quota limits, checked before any GPU time.
 CITADEL_FINETUNE_MAX_FILE_BYTES = env.int("CITADEL_FINETUNE_MAX_FILE_BYTES", default=100 * 1024 * 1024)
 CITADEL_FINETUNE_MAX_EXAMPLES = env.int("CITADEL_FINETUNE_MAX_EXAMPLES", default=0)

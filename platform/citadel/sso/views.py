@@ -6,12 +6,12 @@ import logging
 
 from authlib.common.errors import AuthlibBaseError
 from django.conf import settings
-from django.contrib import auth
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 
+from citadel.accounts.signin import sign_in_complete
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import CitadelError
 from citadel.sso.client import oidc_client, oidc_enabled
@@ -48,5 +48,6 @@ def sso_callback(request):
                          details={"error": str(getattr(error, "error", "")) [:100]})
         return render(request, "frontend/sso_error.html", {"message": message}, status=403)
     nxt = request.session.pop(NEXT, "") or reverse(settings.LOGIN_REDIRECT_URL)
-    auth.login(request, user, backend="citadel.accounts.backends.LockoutModelBackend")  # a new session id
-    return redirect(nxt)
+    # Citadel's own second factor too, unless the provider is trusted to have asked for one.
+    return sign_in_complete(request, user, backend="citadel.accounts.backends.LockoutModelBackend", next_url=nxt,
+                            second_factor=not settings.CITADEL_OIDC_MFA_FROM_PROVIDER)
