@@ -224,6 +224,47 @@ ORGANISATION_WIDE = {"api-audit-records", "api-residency-ropa"}
 """Reports over every team, for platform administrators and auditors only (their read_roles)."""
 
 
+def openai_object_endpoints():
+    """(route, url name, view class) of every /v1 endpoint with an id in its path."""
+    return [(route, name, view) for route, name, view in _walk(get_resolver().url_patterns)
+            if route.startswith("v1/") and "<" in route]
+
+
+OPENAI_TEAM_OBJECTS = {
+    "openai-file": _finetuning_file, "openai-file-content": _finetuning_file,
+    "openai-fine-tuning-job": _finetuning_job, "openai-fine-tuning-job-cancel": _finetuning_job,
+    "openai-fine-tuning-job-events": _finetuning_job, "openai-fine-tuning-job-checkpoints": _finetuning_job,
+    "openai-batch": _batch, "openai-batch-cancel": _batch,
+}
+OPENAI_PLATFORM_OBJECTS = {"openai-model"}  # models are shared; a key's allowed_models narrow them
+
+
+def test_every_openai_object_endpoint_has_an_object_to_try():
+    missing = [f"/{route} ({name})" for route, name, _ in openai_object_endpoints()
+               if name not in OPENAI_TEAM_OBJECTS and name not in OPENAI_PLATFORM_OBJECTS]
+    assert not missing, f"Add a maker to OPENAI_TEAM_OBJECTS in {__file__}: {missing}"
+
+
+@pytest.mark.parametrize("route,name,view", [e for e in openai_object_endpoints() if e[1] in OPENAI_TEAM_OBJECTS],
+                         ids=lambda value: value if isinstance(value, str) and value.startswith("openai-") else "")
+def test_another_teams_object_under_v1_is_refused_to_every_key_and_leaks_nothing(world, route, name, view):
+    kwargs = OPENAI_TEAM_OBJECTS[name](world, world.red, world.red_owner)
+    url = fill(route, kwargs)
+    for role in ROLES:
+        if not world.keys[role]:
+            continue
+        client = Client(HTTP_AUTHORIZATION=f"Bearer {world.keys[role]}")
+        for method in methods_of(view):
+            response = _call(client, method, url)
+            assert response.status_code in (403, 404), (role, method, url, response.status_code,
+                                                        response.content[:300])
+            assert SECRET not in _without(response.content.decode(errors="replace"), kwargs), (role, method, url)
+    red_key = api_key_create(user=world.red_owner, name="red", team=world.red, actor=SYSTEM).key
+    if "get" in methods_of(view):  # the ids are real: the owning team's key reads the object
+        response = Client(HTTP_AUTHORIZATION=f"Bearer {red_key}").get(url)
+        assert response.status_code == 200, (url, response.status_code, response.content[:300])
+
+
 def test_every_object_endpoint_has_an_object_to_try():
     missing = [f"/{route} ({name})" for route, name, _ in object_endpoints()
                if name not in TEAM_OBJECTS and name not in PLATFORM_OBJECTS]
