@@ -10,7 +10,7 @@ export CITADEL_DATA_DIR PORT
 export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench install clean ansible-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# The Ansible roles (ansible/): ansible-lint's production profile (ansible/.ansible-lint) and the
+# playbooks' syntax. Needs Debian's packages: apt-get install -y ansible ansible-lint.
+ansible-check:
+	cd ansible && ansible-lint
+	cd ansible && ansible-playbook --syntax-check site.yml validate.yml
 
 bench: install
 	$(BIN)/python -m bench.engine --quick
