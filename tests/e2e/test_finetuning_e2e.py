@@ -164,9 +164,9 @@ def test_a_cancelled_job_stops_training_within_seconds(client, stack):
     assert cancelled.status == "cancelled"
     started = time.monotonic()
     row = wait_for(lambda: FineTuningJob.objects.filter(pk=job.id.removeprefix("ftjob-"),
-                                                        stopped_at__isnull=False).first(), 10,
+                                                        stopped_at__isnull=False).first(), 15,
                    "the worker stopping the training", stack, interval=0.1)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 8  # about a second on a quiet machine; this one is shared
     events = all_events(client, job.id)
     stopped = next(i for i, e in enumerate(events) if e.message.startswith("Training stopped at step"))
     cancel = next(i for i, e in enumerate(events) if e.message.startswith("Job cancelled"))
