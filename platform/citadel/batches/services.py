@@ -368,8 +368,8 @@ def batch_cancel(*, batch: Batch, actor: Actor, request=None) -> Batch:
 def batches_recover(*, lease: timedelta | None = None, resend_after: timedelta | None = None) -> dict:
     """Beat: lines held by a worker that is gone (or past the lease) back to pending; batches with
     pending lines and no recent dispatch sent again; expired windows ended; finished ones finalized."""
-    lease = lease or timedelta(seconds=900)
-    resend_after = resend_after or timedelta(seconds=60)
+    lease = timedelta(seconds=900) if lease is None else lease
+    resend_after = timedelta(seconds=60) if resend_after is None else resend_after
     now = timezone.now()
     actor = Actor.system("batches")
     live = {name for name in workers_live().values_list("name", flat=True)}

@@ -9,6 +9,7 @@ from django.http import FileResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import ParseError, ValidationError
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -126,7 +127,19 @@ class FileDetailApi(OpenAIApi):
         return Response({"id": file.openai_id, "object": "file", "deleted": True})
 
 
+class AnyAccept(BaseContentNegotiation):
+    """File bytes go out whatever the client accepts (the openai client asks for application/binary)."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
 class FileContentApi(OpenAIApi):
+    content_negotiation_class = AnyAccept
+
     def get(self, request, file_id: str):
         return _file_content(selectors.file_get(request=request, file_id=file_id))
 
