@@ -170,7 +170,9 @@ def team_page(request, name: str):
         raise Http404(f"No team named {name!r}.") from None
     error = None
     can_manage = perms.is_platform_admin(request.user) or team.pk in perms.team_ids(request.user, {Role.ADMIN})
-    if request.method == "POST":
+    if request.method == "POST" and request.POST.get("action") == "quota":
+        error = _team_quota_post(request, team)
+    elif request.method == "POST":
         try:
             perms.team_role_required(request.user, team, {Role.ADMIN})
             user = auth.get_user_model().objects.filter(username=request.POST.get("user", "")).first()
@@ -189,4 +191,26 @@ def team_page(request, name: str):
     return render(request, "frontend/team.html", {
         "team": team, "memberships": team.memberships.select_related("user"), "roles": Role.choices,
         "quota": Quota.objects.filter(team=team).first(), "can_manage": can_manage, "error": error,
+        "can_set_quota": perms.is_platform_admin(request.user), "limits": Quota.LIMITS,
     }, status=400 if error else 200)
+
+
+def _team_quota_post(request, team) -> str | None:
+    """A platform administrator sets the team's quota (a team does not raise its own ceiling)."""
+    from citadel.quotas.models import Quota
+    from citadel.quotas.services import quota_set
+
+    if not perms.is_platform_admin(request.user):
+        return "Only a platform administrator sets a team's quota."
+    limits = {}
+    for name in Quota.LIMITS:
+        value = (request.POST.get(name) or "").strip()
+        try:
+            limits[name] = None if not value else (float(value) if name == "gpu_hours_per_month" else int(value))
+        except ValueError:
+            return f"{name} must be a number, or empty for no limit."
+    try:
+        quota_set(team=team, limits=limits, actor=Actor.for_user(request.user), request=request)
+    except CitadelError as exc:
+        return exc.message
+    return None

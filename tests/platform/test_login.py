@@ -224,3 +224,22 @@ def test_totp_secrets_are_stored_encrypted_and_survive_a_secret_key_rotation(ali
     with override_settings(SECRET_KEY="a-new-key", SECRET_KEY_FALLBACKS=[]):
         with pytest.raises(Exception):  # noqa: B017 - cryptography's InvalidToken: the old key is gone
             _ = TotpDevice.objects.get(pk=device.pk).secret
+
+
+def test_a_platform_administrator_sets_a_team_quota_on_the_team_page_and_a_team_admin_cannot(alice):
+    from citadel.quotas.models import Quota
+
+    team = team_create(name="research", actor=Actor.system())
+    membership_set(team=team, user=alice, role=Role.ADMIN, actor=Actor.system())
+    limits = {"action": "quota", "requests_per_minute": "60", "tokens_per_minute": "", "tokens_per_month": "1000000",
+              "gpu_hours_per_month": "2.5"}
+    lead = Client()
+    lead.force_login(alice)
+    assert lead.post("/teams/research/", limits).status_code == 400 and not Quota.objects.exists()
+    root = Client()
+    root.force_login(get_user_model().objects.create_user("root", password="x" * 16, is_staff=True))
+    assert root.post("/teams/research/", limits).status_code == 200
+    quota = Quota.objects.get(team=team)
+    assert (quota.requests_per_minute, quota.tokens_per_minute, quota.tokens_per_month,
+            quota.gpu_hours_per_month) == (60, None, 1_000_000, 2.5)
+    assert AuditRecord.objects.filter(action="quota.set", target_id="research").exists()
