@@ -31,7 +31,7 @@ from citadel.accounts.totp import (
     totp_enrolled,
     totp_verify,
 )
-from citadel.audit.services import Actor
+from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import CitadelError, NotFound
 from citadel.core.net import client_address
 
@@ -49,6 +49,13 @@ class LoginView(auth_views.LoginView):
 
     def form_valid(self, form):
         user = form.get_user()
+        if not perms.is_platform_admin(user) and perms.user_roles(user) == {Role.APPLICATION}:
+            # Service accounts call the API with keys; a console session would be a password to steal.
+            audit_record(actor=Actor.for_user(user), action="user.login", outcome="denied", target_type="user",
+                         target_id=user.get_username(), request=self.request,
+                         details={"reason": "application_account"})
+            form.add_error(None, "Application accounts use API keys; they do not sign in to the console.")
+            return self.form_invalid(form)
         return sign_in_complete(self.request, user, backend=user.backend, next_url=self.get_success_url())
 
 

@@ -243,3 +243,13 @@ def test_a_platform_administrator_sets_a_team_quota_on_the_team_page_and_a_team_
     assert (quota.requests_per_minute, quota.tokens_per_minute, quota.tokens_per_month,
             quota.gpu_hours_per_month) == (60, None, 1_000_000, 2.5)
     assert AuditRecord.objects.filter(action="quota.set", target_id="research").exists()
+
+
+def test_an_application_account_does_not_sign_in_to_the_console(alice):
+    membership_set(team=team_create(name="apps", actor=Actor.system()), user=alice, role=Role.APPLICATION,
+                   actor=Actor.system())
+    response = _post_login(Client(), "alice", PASSWORD)
+    assert response.status_code == 200 and not response.wsgi_request.user.is_authenticated
+    assert b"Application accounts use API keys" in response.content
+    assert AuditRecord.objects.filter(action="user.login", outcome="denied",
+                                      details__reason="application_account").exists()
