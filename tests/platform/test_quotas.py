@@ -25,6 +25,7 @@ from citadel.quotas.models import Quota
 from citadel.quotas.services import quota_set
 from tests import live_stack as ls
 from tests.conftest import database_url, port_open, require
+from tests.platform.test_finetuning_api import world  # noqa: F401 - the fine-tuning API's fixture, reused
 
 SYSTEM = Actor.system("test")
 
@@ -207,13 +208,30 @@ def test_quotas_are_set_through_the_management_api_by_administrators_only_and_au
     assert AuditRecord.objects.filter(action="quota.set").count() == 2
 
 
-def test_fine_tuning_gpu_hours_are_refused_past_the_monthly_quota(team_and_user):
+def test_fine_tuning_gpu_hours_are_counted_from_the_jobs_and_refused_past_the_monthly_quota(team_and_user):
     from citadel.core.exceptions import RateLimited
-    from citadel.quotas.limiter import quota_gpu_hours_admit
+    from citadel.finetuning.models import File, FineTuningJob
+    from citadel.quotas.limiter import gpu_hours_used, quota_gpu_hours_admit
+    from citadel.registry.models import Model
+    from citadel.residency.models import DataClass, Site
 
-    team, _ = team_and_user
+    team, user = team_and_user
     quota_set(team=team, limits={"gpu_hours_per_month": 10}, actor=SYSTEM)
-    quota_gpu_hours_admit(team=team, requested_hours=2, used_hours=8)
+    quota_gpu_hours_admit(team=team)  # nothing used yet
+    internal = DataClass.objects.get(name="internal")
+    file = File.objects.create(filename="t.jsonl", bytes=1, sha256="0" * 64, path="/nonexistent",
+                               site=Site.objects.create(name="s", jurisdiction="EU"), data_class=internal, team=team)
+    now = timezone.now()
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    for started, finished in ((now - timedelta(hours=6), now - timedelta(hours=2)),  # 4 hours
+                              (now - timedelta(hours=3), None),  # 3 hours so far, still running
+                              (month_start - timedelta(hours=5), month_start + timedelta(hours=1))):  # 1 this month
+        FineTuningJob.objects.create(model=Model.objects.get_or_create(name="m", path="/m")[0], training_file=file,
+                                     seed=1, hyperparameters={}, config={}, team=team, data_class=internal,
+                                     output_dir="/nonexistent", started_at=started, finished_at=finished)
+    used = gpu_hours_used(team=team, since=month_start)
+    assert 7.99 < used < 8.01 if now - month_start > timedelta(hours=6) else used > 0
+    quota_gpu_hours_admit(team=team, requested_hours=1.5)
     with pytest.raises(RateLimited) as refused:
         quota_gpu_hours_admit(team=team, requested_hours=2.5, used_hours=8)
     assert refused.value.error_type == "insufficient_quota" and refused.value.retry_after > 0
@@ -249,3 +267,18 @@ def test_citadel_keys_create_takes_scopes_and_models(team_and_user, cli_env):
     assert result.returncode == 0, result.stderr
     key = ApiKey.objects.get(name="s")
     assert key.scopes == ["inference"] and key.allowed_models == ["m"]
+
+
+@pytest.mark.django_db
+def test_a_fine_tuning_job_is_refused_with_429_once_the_keys_gpu_hours_are_used_up(world):  # noqa: F811
+    from citadel.finetuning.models import FineTuningJob
+    from tests.platform.test_finetuning_api import create, error_of, uploaded
+
+    file_id = uploaded(world)
+    api_key = ApiKey.objects.get(name="ft")
+    quota_set(api_key=api_key, limits={"gpu_hours_per_month": 1}, actor=SYSTEM)
+    assert create(world, training_file=file_id).status_code == 200
+    FineTuningJob.objects.update(started_at=timezone.now() - timedelta(hours=2), finished_at=timezone.now())
+    refused = create(world, training_file=file_id)
+    assert refused.status_code == 429 and error_of(refused)["code"] == "insufficient_quota"
+    assert int(refused["Retry-After"]) > 0 and FineTuningJob.objects.count() == 1

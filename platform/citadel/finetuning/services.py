@@ -27,6 +27,7 @@ from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import CitadelError, InvalidRequest
 from citadel.finetuning import training
 from citadel.finetuning.models import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
+from citadel.quotas.limiter import quota_gpu_hours_admit
 from citadel.registry.models import Model
 from citadel.registry.selectors import workers_live
 from citadel.registry.services import model_variant_register
@@ -245,6 +246,7 @@ def job_create(*, model_name: str, training_file_id: str, subject: Subject, acto
                 raise InvalidRequest(problem, param="validation_file", code="invalid_file")
         tokens = report.total_tokens * resolved.config.epochs
         _check_quota(tokens=tokens, subject=subject)
+        quota_gpu_hours_admit(api_key=api_key, team=subject.team)  # citadel.quotas: GPU-hours this month
     except CitadelError as error:
         _refuse(error, **refuse)
     data_class = _more_sensitive(subject.data_class, train_file.data_class)

@@ -155,19 +155,43 @@ def quota_admit(*, api_key) -> None:
                           "time in the Retry-After header.", retry_after=wait_ms / 1000, code="rate_limit_exceeded")
 
 
-def quota_gpu_hours_admit(*, api_key=None, team=None, requested_hours: float, used_hours: float) -> None:
-    """For the fine-tuning app: refuse a job whose GPU-hours would pass the key's or team's monthly quota.
-    `used_hours` is what the key or team used this month (the fine-tuning app knows its jobs)."""
+def gpu_hours_used(*, api_key=None, team=None, since: datetime) -> float:
+    """Fine-tuning GPU-hours of the key's (or the team's) jobs since `since`: each job's running time
+    (started to finished, or to now while it runs) on its one GPU, clipped to the period."""
+    from citadel.finetuning.models import FineTuningJob
+
+    now = timezone.now()
+    condition = Q(api_key=api_key) if api_key is not None else Q(team=team)
+    jobs = FineTuningJob.objects.filter(condition, started_at__isnull=False).filter(
+        Q(finished_at__isnull=True) | Q(finished_at__gte=since))
+    seconds = sum(max(0.0, ((finished or now) - max(started, since)).total_seconds())
+                  for started, finished in jobs.values_list("started_at", "finished_at"))
+    return seconds / 3600
+
+
+def quota_gpu_hours_admit(*, api_key=None, team=None, requested_hours: float = 0.0,
+                          used_hours: float | None = None) -> None:
+    """Refuse a fine-tuning job (429, insufficient_quota) when the key's or its team's GPU-hours this
+    month, plus `requested_hours` if the caller has an estimate, pass the monthly quota. Checked at
+    admission: jobs already running may take the total past it, as with token quotas."""
+    if team is None and api_key is not None:
+        team = api_key.team
+    now = timezone.now()
     condition = Q(pk__in=[])
     if api_key is not None:
         condition |= Q(api_key=api_key)
     if team is not None:
         condition |= Q(team=team)
-    now = timezone.now()
     for quota in Quota.objects.filter(condition, gpu_hours_per_month__isnull=False):
-        if used_hours + requested_hours > quota.gpu_hours_per_month:
-            raise RateLimited(f"Fine-tuning GPU-hours quota reached: {used_hours:.2f} used and {requested_hours:.2f} "
-                              f"asked of {quota.gpu_hours_per_month:.2f} this month.",
+        used = used_hours if used_hours is not None else gpu_hours_used(
+            api_key=api_key if quota.api_key_id else None, team=team if quota.team_id else None,
+            since=_month_start(now))
+        if used + requested_hours >= quota.gpu_hours_per_month and (used > 0 or requested_hours > 0
+                                                                   or quota.gpu_hours_per_month == 0):
+            whose = "this API key" if quota.api_key_id else "the team"
+            raise RateLimited(f"Fine-tuning GPU-hours quota of {whose} reached: {used:.2f} used"
+                              + (f" and {requested_hours:.2f} asked" if requested_hours else "")
+                              + f" of {quota.gpu_hours_per_month:.2f} this month.",
                               retry_after=(_next_month(now) - now).total_seconds(), code="insufficient_quota")
 
 
