@@ -253,3 +253,40 @@ def test_an_application_account_does_not_sign_in_to_the_console(alice):
     assert b"Application accounts use API keys" in response.content
     assert AuditRecord.objects.filter(action="user.login", outcome="denied",
                                       details__reason="application_account").exists()
+
+
+def test_totp_through_the_management_api_in_a_session_and_a_lost_device_reset_by_an_administrator(alice):
+    client = Client()
+    client.force_login(alice)
+    assert client.get("/api/v1/me/totp/").json() == {"enrolled": False, "required": False}
+    started = client.post("/api/v1/me/totp/").json()
+    assert started["otpauth_uri"].startswith("otpauth://totp/Citadel:alice?")
+    assert client.post("/api/v1/me/totp/confirm/", {"code": "000000"},
+                       content_type="application/json").status_code == 400
+    confirmed = client.post("/api/v1/me/totp/confirm/", {"code": totp_code(secret=started["secret"])},
+                            content_type="application/json")
+    assert confirmed.json()["enrolled"] is True
+    assert client.post("/api/v1/me/totp/").status_code == 400  # one device; an admin removes it first
+    from citadel.accounts.services import api_key_create
+
+    key = api_key_create(user=alice, name="k", actor=Actor.system()).key
+    refused = Client(HTTP_AUTHORIZATION=f"Bearer {key}").post("/api/v1/me/totp/")
+    assert refused.status_code == 403 and refused.json()["code"] == "session_required"
+    assert client.delete("/api/v1/users/alice/totp/").status_code == 403
+    root = Client()
+    root.force_login(get_user_model().objects.create_user("root", password="x" * 16, is_staff=True))
+    assert root.delete("/api/v1/users/alice/totp/").status_code == 204
+    assert not TotpDevice.objects.filter(user=alice).exists()
+    assert AuditRecord.objects.filter(action="user.totp.remove", target_id="alice", actor_label="root").exists()
+
+
+def test_an_auditor_enrols_their_own_second_factor_through_the_api():
+    user = get_user_model().objects.create_user("officer", password=PASSWORD)
+    membership_set(team=team_create(name="compliance", actor=Actor.system()), user=user, role=Role.AUDITOR,
+                   actor=Actor.system())
+    client = Client()
+    client.force_login(user)
+    started = client.post("/api/v1/me/totp/")
+    assert started.status_code == 201
+    assert client.post("/api/v1/me/totp/confirm/", {"code": totp_code(secret=started.json()["secret"])},
+                       content_type="application/json").json()["enrolled"] is True

@@ -12,8 +12,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from citadel.accounts import permissions as perms
+from citadel.accounts import totp
 from citadel.accounts.lockout import login_lock_lift
-from citadel.accounts.models import ApiKey, EndpointGroup, LoginLock, Membership, Role, Team
+from citadel.accounts.middleware import ENROL_REQUIRED
+from citadel.accounts.models import ApiKey, EndpointGroup, LoginLock, Membership, Role, Team, TotpDevice
 from citadel.accounts.services import (
     api_key_create,
     api_key_revoke,
@@ -23,7 +25,7 @@ from citadel.accounts.services import (
     team_create,
 )
 from citadel.audit.services import Actor
-from citadel.core.exceptions import NotFound
+from citadel.core.exceptions import NotFound, PermissionDenied
 from citadel.residency.services import data_class_get
 
 
@@ -319,3 +321,72 @@ class LoginLockListApi(APIView):
         if not lifted:
             raise NotFound("No such lock is in force.")
         return Response({"lifted": lifted})
+
+
+class TotpStatusOutput(serializers.Serializer):
+    enrolled = serializers.BooleanField()
+    required = serializers.BooleanField(help_text="Whether the caller's role needs a second factor.")
+
+
+class TotpEnrolOutput(serializers.Serializer):
+    otpauth_uri = serializers.CharField()
+    secret = serializers.CharField()
+
+
+class SessionOnly(perms.RoleAccess):
+    """A second factor is the person's, not a key's: these endpoints refuse API keys, and serve every
+    role, auditors included (enrolling one's own second factor changes nothing else)."""
+
+    def has_permission(self, request, view) -> bool:
+        if not request.user or not request.user.is_authenticated:
+            return False
+        if perms.api_key_of(request) is not None:
+            raise PermissionDenied("Enrol a second factor from a console session, not with an API key.",
+                                   code="session_required")
+        return True
+
+
+class MeTotpApi(APIView):
+    """The caller's TOTP: GET its state, POST to start an enrolment (the otpauth URI and secret, once)."""
+
+    permission_classes = [SessionOnly]
+
+    @extend_schema(responses=TotpStatusOutput)
+    def get(self, request):
+        return Response({"enrolled": totp.totp_enrolled(request.user), "required": totp.mfa_required(request.user)})
+
+    @extend_schema(request=None, responses={201: TotpEnrolOutput})
+    def post(self, request):
+        device = totp.totp_enrol_start(user=request.user, request=request)
+        return Response({"otpauth_uri": totp.provisioning_uri(device), "secret": device.secret},
+                        status=status.HTTP_201_CREATED)
+
+
+class MeTotpConfirmApi(APIView):
+    permission_classes = [SessionOnly]
+
+    class CodeInput(serializers.Serializer):
+        code = serializers.CharField(max_length=8)
+
+    @extend_schema(request=CodeInput, responses=TotpStatusOutput)
+    def post(self, request):
+        data = self.CodeInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        totp.totp_confirm(user=request.user, code=data.validated_data["code"], request=request)
+        request.session.pop(ENROL_REQUIRED, None)
+        return Response({"enrolled": True, "required": totp.mfa_required(request.user)})
+
+
+class UserTotpApi(APIView):
+    """A platform administrator removes a user's second factor (a lost phone); the user enrols again at
+    their next sign-in if their role needs one. Audited."""
+
+    write_roles = frozenset()
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, username: str):
+        user = _user(username, param="username")
+        if not TotpDevice.objects.filter(user=user).exists():
+            raise NotFound(f"{username!r} has no second factor enrolled.")
+        totp.totp_remove(user=user, actor=Actor.for_request(request), request=request)
+        return Response(status=status.HTTP_204_NO_CONTENT)

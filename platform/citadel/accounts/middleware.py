@@ -9,7 +9,8 @@ from django.http import JsonResponse
 from django.shortcuts import redirect
 
 ENROL_REQUIRED = "citadel_mfa_enrol_required"
-OPEN_PATHS = ("/account/totp/", "/logout/", "/login/", "/static/", "/healthz", "/readyz", "/metrics", "/sso/")
+OPEN_PATHS = ("/account/totp/", "/logout/", "/login/", "/static/", "/healthz", "/readyz", "/metrics", "/sso/",
+              "/api/v1/me/totp/")
 
 
 class MfaEnrolmentMiddleware:
@@ -32,7 +33,7 @@ class AuditorReadOnlyMiddleware:
     only an auditor is refused (403), whatever page it targets, except signing in and out. The API
     refuses them the same way (RoleAccess); this covers console views, present and future."""
 
-    EXEMPT = ("/login/", "/logout/", "/account/totp/", "/sso/")
+    EXEMPT = ("/login/", "/logout/", "/account/totp/", "/sso/", "/api/v1/me/totp/")
 
     def __init__(self, get_response):
         self.get_response = get_response
