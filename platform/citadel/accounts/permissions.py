@@ -17,7 +17,8 @@ Two questions, answered separately so that each endpoint states only what is spe
    404 for another team's object, so its existence is not leaked. Platform administrators see all.
 
 A user in no team acts as an ML engineer on their own objects only (personal keys, their jobs).
-The console uses `role_required` and the same `scope()`.
+The console uses `role_required` and the same `scope()`. PERMISSIONS.md (beside this file) says
+what a new endpoint needs.
 """
 
 from functools import wraps
