@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    "--quick: 0)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--limit", type=int, help="base eval lines per family (default all; --quick: 20)")
+    parser.add_argument("--heldout-limit", type=int, help="held-out lines (default all 60; for smoke tests)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--systems", default="citadel,trainer", help="citadel,trainer or a subset")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per process")
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     setup = lora_setup(args.model, train_file, config, args.threads)
     common = {"model": str(args.model), "train_file": str(train_file), "config": config, "threads": args.threads,
               "heldout": str(args.model / "finetune" / "eval.jsonl"), "base_eval": str(args.model / "eval"),
-              "limit": limit, **setup}
+              "limit": limit, "heldout_limit": args.heldout_limit, **setup}
     systems = {}
     for name in ["base", *[s for s in ("citadel", "trainer") if s in args.systems.split(",")]]:
         folder = workdir / name
@@ -213,7 +214,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "machine": {**machine.describe(), "torch_threads": args.threads},
         "git": machine.git_commit(),
         "data": {"train_file": "finetune/train.jsonl", "replay_examples": replay, "training_lines": lines,
-                 "heldout_file": "finetune/eval.jsonl", "base_eval": "eval/*.jsonl",
+                 "heldout_file": "finetune/eval.jsonl", "heldout_lines": systems["base"].get("heldout_lines"),
+                 "base_eval": "eval/*.jsonl",
                  "base_eval_lines_per_family": limit},
         "config": config,
         "lora": {**setup, "trainable_token_indices": {k: len(v) for k, v in setup["trainable_token_indices"].items()}},

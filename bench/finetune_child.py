@@ -22,7 +22,7 @@ from .metrics import MemoryMeter
 
 
 def evaluate_model(model_path: str, adapter_dir: str | None, heldout: str, base_eval: str,
-                   limit: int | None) -> dict:
+                   limit: int | None, heldout_limit: int | None = None) -> dict:
     """Exact match on the held-out file and per base eval family, with the evaluator of inference.demo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,11 +36,12 @@ def evaluate_model(model_path: str, adapter_dir: str | None, heldout: str, base_
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.eval()
     started = time.perf_counter()
-    held = evaluate(model, tokenizer, eval_files(Path(heldout)), log=lambda line: None)
+    held = evaluate(model, tokenizer, eval_files(Path(heldout)), limit=heldout_limit, log=lambda line: None)
     base = evaluate(model, tokenizer, eval_files(Path(base_eval)), limit=limit, log=lambda line: None)
     lines = sum(r.lines for r in base.values())
     return {
         "heldout_acc": next(iter(held.values())).exact_match,
+        "heldout_lines": next(iter(held.values())).lines,
         "heldout_answer_perplexity": next(iter(held.values())).answer_perplexity,
         "base_eval": {family: r.exact_match for family, r in base.items()},
         "base_eval_lines": lines,
@@ -145,7 +146,7 @@ def run(spec: dict) -> dict:
     elif spec["system"] == "trainer":
         result.update(train_trainer(spec, meter))
     result.update(evaluate_model(spec["model"], result.get("adapter_dir"), spec["heldout"], spec["base_eval"],
-                                 spec["limit"]))
+                                 spec["limit"], spec.get("heldout_limit")))
     return result
 
 

@@ -133,14 +133,16 @@ def train(*, base_model: str | Path, train_file: str | Path, validation_file: st
     hooks = _install_stop_hooks(model, stop)
     model.train()
     run_tokens, run_seconds, run_started, run_steps_start = 0, 0.0, time.monotonic(), step
-    cancelled = False
+    cancelled, order = False, (-1, [])
     try:
         while step < total_steps:
             if stop():
                 cancelled = True
                 break
             epoch, index = divmod(step, per_epoch)
-            batch = [train_set[i] for i in epoch_batches(lengths, config.batch_size, config.seed, epoch)[index]]
+            if order[0] != epoch:
+                order = (epoch, epoch_batches(lengths, config.batch_size, config.seed, epoch))
+            batch = [train_set[i] for i in order[1][index]]
             lr = learning_rate(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -53,11 +53,13 @@ class DatasetReport:
         return asdict(self)
 
 
-def validate_dataset(path: str | Path, *, base_model: str | Path, max_seq_len: int = 256,
+def validate_dataset(path: str | Path, *, base_model: str | Path, max_seq_len: int | None = None,
                      max_examples: int | None = None, config: TrainConfig | None = None) -> DatasetReport:
     """Check a JSONL dataset against a base model's tokenizer and chat template.
 
-    Raises ConfigError only for unusable arguments (missing file, unsupported checkpoint, bad
+    max_seq_len defaults to the config's (256 without a config); the time estimate is for the
+    config (defaults without one). max_examples is a quota on non-blank lines. Raises
+    ConfigError only for unusable arguments (missing file, unsupported checkpoint, bad
     max_seq_len or max_examples); everything wrong in the file is in the report.
     """
     from transformers import AutoTokenizer
@@ -66,12 +68,16 @@ def validate_dataset(path: str | Path, *, base_model: str | Path, max_seq_len: i
     if not path.is_file():
         raise ConfigError("path", f"{path} is not a file")
     family = family_of(base_model)
+    if max_seq_len is None:
+        max_seq_len = config.max_seq_len if config is not None else TrainConfig().max_seq_len
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 8:
         raise ConfigError("max_seq_len", f"must be a whole number of at least 8, got {max_seq_len!r}")
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise ConfigError("max_examples", f"must be a positive whole number or None, got {max_examples!r}")
     config = config or TrainConfig(max_seq_len=max_seq_len)
+    if not isinstance(config, TrainConfig):
+        raise ConfigError("config", "must be a TrainConfig (use TrainConfig.from_dict)")
     tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
     parsed = parse_file(path, tokenizer, max_seq_len)
 

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import TrainConfig, train
+from finetune import ConfigError, TrainConfig, train
 
 CONFIG = {"rank": 4, "alpha": 8, "dropout": 0.1, "learning_rate": 5e-3, "epochs": 3, "batch_size": 4,
           "max_seq_len": 128, "checkpoint_every": 4, "eval_every": 0, "seed": 7}
@@ -75,3 +76,11 @@ def test_a_checkpoint_holds_safetensors_and_json_only_and_no_file_is_a_pickle(de
         head = path.read_bytes()[:2]
         assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle or torch.save archive"
     assert not [p for p in (tmp_path / "out" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_resuming_with_other_hyperparameters_is_refused_with_the_field_named(demo, small_train, tmp_path):
+    run(demo, small_train, tmp_path / "out", stop_after=5)
+    with pytest.raises(ConfigError) as caught:
+        train(base_model=demo, train_file=small_train, output_dir=tmp_path / "out",
+              config=TrainConfig.from_dict({**CONFIG, "learning_rate": 1e-3}), device="cpu")
+    assert caught.value.field == "learning_rate" and "resume=False" in caught.value.message
