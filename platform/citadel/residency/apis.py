@@ -28,7 +28,7 @@ class SiteSerializer(serializers.ModelSerializer):
 class DataClassSerializer(serializers.ModelSerializer):
     class Meta:
         model = DataClass
-        fields = ["name", "rank", "description", "builtin", "created_at"]
+        fields = ["name", "rank", "description", "audit_retention_days", "builtin", "created_at"]
         read_only_fields = ["builtin", "created_at"]
         extra_kwargs = {"name": {"validators": []}}
 
