@@ -101,3 +101,18 @@ def test_a_class_created_with_a_retention_records_it_in_its_audit_trail():
     assert DataClass.objects.get(name="phi").audit_retention_days == 3650
     created = AuditRecord.objects.get(action="residency.data_class.create", target_id="phi")
     assert created.details["after"]["audit_retention_days"] == 3650
+
+
+def test_administrators_set_a_class_retention_through_the_management_api():
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_user("ops", password="x" * 16, is_staff=True))
+    response = staff.patch("/api/v1/residency/data-classes/restricted/", {"audit_retention_days": 0},
+                           content_type="application/json")
+    assert response.status_code == 200, response.content
+    assert response.json()["audit_retention_days"] == 0
+    assert DataClass.objects.get(name="restricted").audit_retention_days == 0
+    change = AuditRecord.objects.get(action="residency.data_class.update", target_id="restricted").details
+    assert change["before"]["audit_retention_days"] is None and change["after"]["audit_retention_days"] == 0
