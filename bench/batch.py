@@ -1,0 +1,264 @@
+"""Batch API throughput against the offline engine, side by side in one run.
+
+The same chat conversations, model (models/demo-v4) and sampling settings run twice:
+- offline: `inference.LLM.chat` on every conversation at once in this process (what a user of the
+  engine alone would do: the best the engine can reach);
+- through Citadel: a JSONL file uploaded with the official openai client, a batch created on
+  /v1/chat/completions and followed to `completed`, served by gunicorn and a real Celery worker
+  on PostgreSQL and Redis (the production path: every line claimed, recorded and metered in the
+  database, output written to a file).
+
+Throughput is completion tokens per second of wall time (for the batch: from the create call to
+`completed` seen by the client). The two alternate for a few rounds and the best of each is
+compared (every round is recorded), since this shared VM's speed drifts within a run. The goal
+is batch_throughput_ratio >= 0.9. Ends with one JSON line.
+
+    python -m bench.batch --quick          # 256 conversations
+    python -m bench.batch --out bench/results/batch-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.machine import ROOT, describe, git_commit
+
+MODEL = ROOT / "models" / "demo-v4"
+POOL = "bench"
+TOPICS = ["the sea", "a lighthouse", "prime numbers", "a red fox", "the moon", "a small robot", "winter",
+          "a library", "bread", "a bridge", "rain", "a violin", "mountains", "a clock", "the desert", "bees"]
+
+
+def conversations(count: int, seed: int) -> list[list[dict]]:
+    rng = random.Random(seed)
+    asks = ["Write a short story about", "Tell me about", "Describe", "Write a poem about", "Explain"]
+    return [[{"role": "user", "content": f"{rng.choice(asks)} {rng.choice(TOPICS)} (#{i})."}] for i in range(count)]
+
+
+class Offline:
+    """demo-v4 loaded in this process; `run` times one `chat` call over every conversation."""
+
+    def __init__(self, max_tokens: int):
+        from inference import LLM, SamplingParams
+
+        self.llm = LLM(model=str(MODEL), device="cpu")
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=0)
+
+    def run(self, convs: list[list[dict]]) -> dict:
+        self.llm.chat(convs[:2], self.params)  # warm-up
+        started = time.perf_counter()
+        outputs = self.llm.chat(convs, self.params)
+        seconds = time.perf_counter() - started
+        completion = sum(len(o.token_ids) for o in outputs)
+        return {"seconds": round(seconds, 3), "completion_tokens": completion,
+                "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+                "tokens_per_second": round(completion / seconds, 2), "texts": [o.text for o in outputs]}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} did not happen within {timeout}s")
+
+
+def _fresh_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+class Stack:
+    """gunicorn and one Celery worker on a fresh database, demo-v4 deployed, one API key."""
+
+    def __init__(self, database_url: str, broker_url: str, workdir: Path, chunk_lines: int, feeders: int):
+        self.workdir, self.processes = workdir, []
+        self.env = dict(os.environ, DJANGO_SETTINGS_MODULE="citadel.settings.local", DATABASE_URL=database_url,
+                        CELERY_BROKER_URL=broker_url, CITADEL_DATA_DIR=str(workdir / "data"),
+                        CITADEL_WORKER_HEARTBEAT_SECONDS="1", CITADEL_BATCH_CHUNK_LINES=str(chunk_lines),
+                        CITADEL_BATCH_FEEDERS=str(feeders),
+                        PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT),
+                                                    os.environ.get("PYTHONPATH", "")]))
+
+    def _run(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "citadel.cli", *args], env=self.env, cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+
+    def start(self) -> tuple[str, str]:
+        import redis
+
+        _fresh_database(self.env["DATABASE_URL"])
+        redis.Redis.from_url(self.env["CELERY_BROKER_URL"]).flushdb()
+        self._run("migrate", "--no-input")
+        setup = f"""
+import django; django.setup()
+from django.contrib.auth import get_user_model
+from citadel.accounts.services import api_key_create
+from citadel.audit.services import Actor
+from citadel.registry.services import deployment_create, model_register, pool_create
+from citadel.residency.models import DataClass
+from citadel.residency.services import policy_create, site_create
+a = Actor.system("bench")
+site = site_create(name="bench-site", jurisdiction="EU", storage_path={str(self.workdir / 'store')!r}, actor=a)
+model = model_register(name="demo-v4", path={str(MODEL)!r}, actor=a)
+pool = pool_create(name={POOL!r}, site=site, actor=a)
+deployment_create(model=model, pool=pool, actor=a, engine_settings={{"device": "cpu"}})
+policy_create(team=None, data_class=DataClass.objects.get(name="internal"), processing_sites=[site],
+              storage_sites=[site], actor=a)
+user = get_user_model().objects.create_user("bench", password="bench-password-123456")
+print(api_key_create(user=user, name="bench", actor=a).key)
+"""
+        key = subprocess.run([sys.executable, "-c", setup], env=self.env, cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.strip().splitlines()[-1]
+        port = _free_port()
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        for name, cmd in (("worker", [sys.executable, "-m", "citadel.cli", "worker", "--pool", POOL, "--name",
+                                      f"{POOL}@bench", "--concurrency", "4", "--loglevel", "warning"]),
+                          ("web", [sys.executable, "-m", "gunicorn", "citadel.wsgi:application",
+                                   f"--bind=127.0.0.1:{port}", "--worker-class=gthread", "--workers=2",
+                                   "--threads=8", "--timeout=0"])):
+            self.processes.append(subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=(logs / f"{name}.log").open("w"),
+                                                   stderr=subprocess.STDOUT))
+        import httpx
+
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 90, "gunicorn answering")
+        _wait(lambda: httpx.get(f"{base}/readyz").status_code == 200, 180, "the worker online with demo-v4 loaded")
+        return base, key
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def through_batch(client, convs: list[list[dict]], max_tokens: int) -> dict:
+    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "demo-v4", "messages": conv, "max_tokens": max_tokens, "temperature": 0}})
+             for i, conv in enumerate(convs)]
+    uploaded = client.files.create(file=("bench.jsonl", io.BytesIO(("\n".join(lines) + "\n").encode())),
+                                   purpose="batch")
+    started = time.perf_counter()
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    seconds = time.perf_counter() - started
+    if batch.status != "completed" or batch.request_counts.failed:
+        raise RuntimeError(f"the batch ended {batch.status}: {batch}")
+    output = [json.loads(raw) for raw in client.files.content(batch.output_file_id).text.splitlines()]
+    texts = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in output}
+    completion = batch.usage.output_tokens
+    return {"seconds": round(seconds, 3), "completion_tokens": completion, "prompt_tokens": batch.usage.input_tokens,
+            "tokens_per_second": round(completion / seconds, 2),
+            "texts": [texts[f"r{i}"] for i in range(len(convs))]}
+
+
+def run(args) -> dict:
+    import openai
+
+    convs = conversations(args.requests, args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    result = {"benchmark": "batch", "time": datetime.now(UTC).isoformat(timespec="seconds"), "machine": describe(),
+              "git": git_commit(), "model": str(MODEL.relative_to(ROOT)), "device": "cpu",
+              "workload": {"requests": args.requests, "max_tokens": args.max_tokens, "seed": args.seed,
+                           "endpoint": "/v1/chat/completions", "temperature": 0,
+                           "chunk_lines": args.chunk_lines, "feeders": args.feeders, "rounds": args.rounds}}
+    stack = Stack(args.database_url, args.broker_url, workdir, args.chunk_lines, args.feeders)
+    base, key = stack.start()
+    engine = Offline(args.max_tokens)
+    rounds = []
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600)
+        through_batch(client, convs[:2], args.max_tokens)  # warm the worker's engine as offline's warm-up does
+        for number in range(args.rounds):  # alternated, so a busy minute on this shared VM hits both
+            print(f"[bench] round {number + 1}: offline, then through the Batch API", file=sys.stderr)
+            rounds.append({"offline_llm_chat": engine.run(convs), "citadel_batch_api": through_batch(
+                client, convs, args.max_tokens)})
+    finally:
+        engine.close()
+        stack.stop()
+    best = {name: max((r[name] for r in rounds), key=lambda s: s["tokens_per_second"])
+            for name in ("offline_llm_chat", "citadel_batch_api")}
+    same = sum(a == b for a, b in zip(best["offline_llm_chat"]["texts"], best["citadel_batch_api"]["texts"],
+                                      strict=True))
+    for entry in rounds:
+        for system in entry.values():
+            system.pop("texts", None)
+        entry["ratio"] = round(entry["citadel_batch_api"]["tokens_per_second"]
+                               / entry["offline_llm_chat"]["tokens_per_second"], 3)
+    result["systems"] = {name: {**system, "best_of": args.rounds} for name, system in best.items()}
+    result["rounds"] = rounds
+    result["batch_throughput_ratio"] = round(best["citadel_batch_api"]["tokens_per_second"]
+                                             / best["offline_llm_chat"]["tokens_per_second"], 3)
+    result["same_completion_tokens"] = (best["citadel_batch_api"]["completion_tokens"]
+                                        == best["offline_llm_chat"]["completion_tokens"])
+    result["identical_texts"] = f"{same}/{len(convs)}"
+    result["target"] = {"batch_throughput_ratio": ">= 0.9", "met": result["batch_throughput_ratio"] >= 0.9}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 conversations (default: 1024)")
+    parser.add_argument("--requests", type=int, help="how many conversations")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="offline then batch, this many times; best of each")
+    parser.add_argument("--chunk-lines", type=int, default=64, help="CITADEL_BATCH_CHUNK_LINES of the worker")
+    parser.add_argument("--feeders", type=int, default=2, help="CITADEL_BATCH_FEEDERS of the worker")
+    parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/citadel_bench_batch",
+                        help="a PostgreSQL database the benchmark may drop and create")
+    parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/11", help="a Redis database it may flush")
+    parser.add_argument("--out", type=Path, help="write the result JSON here too")
+    args = parser.parse_args(argv)
+    args.requests = args.requests or (256 if args.quick else 1024)
+    result = run(args)
+    for name, system in result["systems"].items():
+        print(f"{name:26s} {system['completion_tokens']:6d} tokens {system['seconds']:8.2f} s "
+              f"{system['tokens_per_second']:8.2f} tokens/s", file=sys.stderr)
+    print(f"batch_throughput_ratio {result['batch_throughput_ratio']} (target >= 0.9)", file=sys.stderr)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[bench] written to {args.out}", file=sys.stderr)
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
