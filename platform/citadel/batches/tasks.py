@@ -79,7 +79,7 @@ def _run_chunk(llm, batch: Batch, lines: list[BatchRequest]) -> dict:
         results[line.pk] = {"text": output.text, "finish_reason": output.finish_reason or "stop",
                             "prompt_tokens": len(output.prompt_token_ids), "completion_tokens": len(output.token_ids)}
     observe_batch_chunk(lines=len(outputs), seconds=time.monotonic() - started,
-                        completion_tokens=sum(len(o.token_ids) for _, o in outputs))
+                        completion_tokens=sum(len(o.token_ids) for _, o in outputs), model=batch.model.name)
     return results
 
 

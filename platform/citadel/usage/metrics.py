@@ -108,6 +108,7 @@ def timed_events(events, *, model: str):
             for _ in range(tokens):
                 INTER_TOKEN_LATENCY.labels(model=model).observe(gap)
         GENERATED_TOKENS.labels(model=model, source="request").inc(len(getattr(event, "token_ids", None) or ()))
+        token_rate.add(model, len(getattr(event, "token_ids", None) or ()))
         last = now
         yield event
 
@@ -115,21 +116,39 @@ def timed_events(events, *, model: str):
 def observe_batch_chunk(*, lines: int, seconds: float, completion_tokens: int, model: str = "batch") -> None:
     BATCH_CHUNKS.observe(lines)
     GENERATED_TOKENS.labels(model=model, source="batch").inc(completion_tokens)
+    token_rate.add(model, completion_tokens)
+
+
+class TokenRate:
+    """Tokens generated in this process, per model, counted where they are produced (streams and batch
+    chunks). The sampler turns the counts into tokens per second without asking the engine, whose
+    stats lock its loop holds while stepping."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, model: str, tokens: int) -> None:
+        with self._lock:
+            self._counts[model] = self._counts.get(model, 0) + tokens
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+token_rate = TokenRate()
 
 
 def engine_sampler(stop: threading.Event, interval: float = 5.0) -> None:
-    """On a worker: engine tokens per second, from the engines' decode counters between two samples."""
-    from citadel.jobs.engines import engines
-
-    previous: dict[str, tuple[float, int]] = {}
+    """On a worker: tokens per second per model over the last `interval`."""
+    then, before = time.monotonic(), token_rate.snapshot()
     while not stop.wait(interval):
-        now = time.monotonic()
-        for path, stats in engines.stats().items():
-            tokens = int(stats.get("decode_tokens", 0))
-            if path in previous:
-                then, before = previous[path]
-                ENGINE_TOKENS_PER_SECOND.labels(model=Path(path).name).set(max(0, tokens - before) / (now - then))
-            previous[path] = (now, tokens)
+        now, counts = time.monotonic(), token_rate.snapshot()
+        for model in set(counts) | set(before):
+            ENGINE_TOKENS_PER_SECOND.labels(model=model).set((counts.get(model, 0) - before.get(model, 0))
+                                                             / (now - then))
+        then, before = now, counts
 
 
 def worker_metrics_start() -> None:
