@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views, views_account, views_finetuning
+from frontend import views, views_account, views_finetuning, views_usage
 
 app_name = "frontend"
 
@@ -24,4 +24,6 @@ urlpatterns = [
     path("fine-tuning/jobs/<str:job_id>/", views_finetuning.job_page, name="finetuning-job"),
     path("fine-tuning/jobs/<str:job_id>/live", views_finetuning.job_live, name="finetuning-job-live"),
     path("fine-tuning/jobs/<str:job_id>/cancel", views_finetuning.job_cancel, name="finetuning-job-cancel"),
+    path("usage/", views_usage.usage_page, name="usage"),
+    path("usage/export.csv", views_usage.usage_export, name="usage-export"),
 ]
