@@ -12,11 +12,22 @@ The control plane's Celery tasks call this API; nothing here knows about jobs or
 Files: config.py (hyperparameters), families.py (supported models, target modules),
 dataset.py (JSONL parsing and loss masks), validate.py (the dataset report), estimate.py
 (training-time estimate), batching.py (data order, padding, learning rate), state.py
-(checkpoints without pickle), trainer.py (the loop).
+(checkpoints without pickle), tokens.py (embedding rows to train), trainer.py (the loop).
+
+Importing the package does not import torch: `train` and `TrainResult` load the trainer on first
+use, so a web process can build and check configs without loading torch.
 """
 
 from .config import ConfigError, TrainConfig
-from .trainer import TrainResult, train
 from .validate import DatasetReport, validate_dataset
+
+
+def __getattr__(name: str):
+    if name in ("train", "TrainResult"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+
 
 __all__ = ["ConfigError", "DatasetReport", "TrainConfig", "TrainResult", "train", "validate_dataset"]

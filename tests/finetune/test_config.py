@@ -1,6 +1,9 @@
 """TrainConfig: defaults, round trip, and a ConfigError naming each bad field."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +58,11 @@ def test_a_config_that_is_not_an_object_is_refused():
     with pytest.raises(ConfigError) as caught:
         TrainConfig.from_dict(["rank", 8])
     assert caught.value.field == "config"
+
+
+def test_importing_the_package_loads_neither_torch_nor_django():
+    code = ("import sys, finetune; from finetune import TrainConfig; TrainConfig.from_dict({}); "
+            "print('torch' in sys.modules, 'django' in sys.modules)")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "False"], done.stderr
