@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.ansible import wheelhouse
-from tests.conftest import IN_CI, require
+from tests.conftest import IN_CI, port_open, require
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
@@ -50,7 +50,8 @@ def ansible_env() -> dict:
     env = {name: os.environ[name] for name in ["PATH", "HOME", "LANG", "TERM", "TMPDIR"] if name in os.environ}
     env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     env.update(ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-               ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_RETRY_FILES_ENABLED="False")
+               ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_RETRY_FILES_ENABLED="False",
+               ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks")  # the slowest tasks, at the end
     return env
 
 
@@ -171,6 +172,7 @@ class Target:
     root: Path
     work: Path
     playbook_args: list[str]
+    database: str | None = None  # on this machine's PostgreSQL, when it answers
     first: PlaybookRun | None = None
 
     def path(self, inside: str) -> Path:
@@ -201,6 +203,26 @@ citadel_broker_redis_bind: 127.0.0.1 -::1
 citadel_worker_require_cuda: false
 """
 
+# With this machine's PostgreSQL, which the chroot reaches (it shares the network): the tasks that
+# need a database run for real, from the installed virtual environment, on a database of their own.
+CONVERGE_DATABASE = """citadel_common_database_user: postgres
+citadel_common_database_name: {database}
+citadel_control_plane_manage_database: true
+"""
+
+HOST_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def host_database(action: str, name: str) -> None:
+    """CREATE or DROP a database on this machine's PostgreSQL (trust authentication)."""
+    import psycopg
+
+    with psycopg.connect(HOST_POSTGRES, autocommit=True) as connection:
+        if action == "create":
+            connection.execute(f'CREATE DATABASE "{name}"')
+        else:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
 
 @pytest.fixture(scope="session")
 def converge_target(tmp_path_factory):
@@ -213,8 +235,14 @@ def converge_target(tmp_path_factory):
             "this machine's package folders " + ", ".join(map(str, PACKAGE_FOLDERS)))
     if os.environ.get("CITADEL_SKIP_CONVERGE") and not IN_CI:
         pytest.skip("CITADEL_SKIP_CONVERGE is set: the converge test is skipped on this machine")
+    started = time.monotonic()
     cache = ensure_root_cache()
+    print(f"Debian root cache: {time.monotonic() - started:.0f} s")
     work = Path(tempfile.mkdtemp(prefix="citadel-converge-", dir="/var/tmp"))
+    database = None
+    if port_open("127.0.0.1", 5432):
+        database = f"citadel_converge_{work.name.rsplit('-', 1)[-1].lower()}"
+        host_database("create", database)
     try:
         root = work / "root"
         subprocess.run(["cp", "-a", "--reflink=auto", str(cache), str(root)], check=True)
@@ -245,10 +273,18 @@ all:
         eu_fra: {{hosts: {{converge: }}}}
 """)
         overrides = work / "overrides.yml"
-        overrides.write_text(CONVERGE_OVERRIDES.format(wheel=wheel, requirements=requirements))
+        overrides.write_text(CONVERGE_OVERRIDES.format(wheel=wheel, requirements=requirements)
+                             + (CONVERGE_DATABASE.format(database=database) if database else ""))
         args = ["-i", str(inventory / "hosts.yml"), "--vault-password-file", str(VAULT_PASSWORD_FILE),
                 "-e", f"@{overrides}", "site.yml"]
-        yield Target(root=root, work=work, playbook_args=args)
+        print(f"target ready (root, package folders, wheel, pins): {time.monotonic() - started:.0f} s")
+        yield Target(root=root, work=work, playbook_args=args, database=database)
     finally:
+        if database:
+            host_database("drop", database)
+        for log in work.glob("*-run.log"):
+            shutil.copy(log, Path(tempfile.gettempdir()) / f"citadel-converge-{log.name}")
         # Only files and hard links are in there (no mounts), so removing it touches nothing outside.
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+        # About 2 GB of small files: removed in the background, so the test does not wait for the disk.
+        subprocess.Popen(["rm", "-rf", "--one-file-system", str(work)], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,16 +2,19 @@
 what it installs and writes, then a second run that changes nothing.
 
 A chroot has no running systemd, so services are installed and enabled but not started, and the
-tasks that need a running PostgreSQL (migrations, `citadel bootstrap`, sites and pools) are
-skipped; the end-to-end tests (tests/e2e) run gunicorn, Celery workers and beat as real
-processes against PostgreSQL and Redis. See ansible/README.md, "What the converge test covers".
+database user and database are not made in the chroot's PostgreSQL. Migrations, `citadel bootstrap`
+and the sites and pools run against this machine's PostgreSQL when it answers (the chroot shares
+the network), in a database made for the test. The end-to-end tests (tests/e2e) run gunicorn,
+Celery workers and beat as real processes against PostgreSQL and Redis. See ansible/README.md, "What the converge test covers".
 """
 
+import os
 import stat
 
 import pytest
 
-from tests.ansible.conftest import run_playbook
+from tests.ansible.conftest import HOST_POSTGRES, run_playbook
+from tests.conftest import require
 
 pytestmark = [pytest.mark.converge, pytest.mark.timeout(1200)]
 
@@ -65,7 +68,8 @@ def test_the_environment_file_holds_the_settings_and_only_the_service_group_read
     assert values["DJANGO_SETTINGS_MODULE"] == "'citadel.settings.production'"
     assert values["DJANGO_SECRET_KEY"] == f"'{SECRET_KEY}'"  # from the example vault
     assert values["CITADEL_AUDIT_SIGNING_KEY"] == "'NfeHx58lI6SAKjqrKmjJGMh5uB+PGlt9fxucB/U9itI='"
-    assert values["DATABASE_URL"] == "'postgres://citadel:example-only-database-password@127.0.0.1:5432/citadel'"
+    user, name = ("postgres", converged.database) if converged.database else ("citadel", "citadel")
+    assert values["DATABASE_URL"] == f"'postgres://{user}:example-only-database-password@127.0.0.1:5432/{name}'"
     assert values["CELERY_BROKER_URL"] == "'redis://:example-only-broker-password@127.0.0.1:6379/0'"
     assert values["CITADEL_DATA_DIR"] == "'/var/lib/citadel'"
     assert values["ALLOWED_HOSTS"] == "'citadel.example.org'"
@@ -109,7 +113,7 @@ def test_the_control_plane_units_run_gunicorn_the_housekeeping_worker_and_beat(c
     assert "celery -A citadel beat" in (units / "citadel-beat.service").read_text()
     wants = units / "multi-user.target.wants"
     for unit in ["citadel-web", "citadel-control", "citadel-beat", "nginx", "postgresql", "redis-server"]:
-        assert (wants / f"{unit}.service").exists(), f"{unit} is enabled at boot"
+        assert (wants / f"{unit}.service").is_symlink(), f"{unit} is enabled at boot"
 
 
 def test_each_pool_of_the_site_gets_its_own_worker_unit_with_its_site_and_gpus(converged):
@@ -122,13 +126,15 @@ def test_each_pool_of_the_site_gets_its_own_worker_unit_with_its_site_and_gpus(c
     finetune = (units / "citadel-worker-eu-fra-finetune.service").read_text()
     assert "--concurrency=1" in finetune and "CUDA_VISIBLE_DEVICES=7" in finetune
     for pool in ["eu-fra-h200", "eu-fra-finetune"]:
-        assert (units / "multi-user.target.wants" / f"citadel-worker-{pool}.service").exists()
+        assert (units / "multi-user.target.wants" / f"citadel-worker-{pool}.service").is_symlink()
 
 
 def test_nginx_serves_tls_with_a_self_signed_certificate_and_a_valid_configuration(converged):
-    site = converged.path("/etc/nginx/sites-enabled/citadel.conf")
-    assert site.is_symlink() and not converged.path("/etc/nginx/sites-enabled/default").exists()
-    text = site.read_text()
+    # Links inside the chroot are absolute, so they are read, not followed, from out here.
+    enabled = converged.path("/etc/nginx/sites-enabled")
+    assert os.readlink(enabled / "citadel.conf") == "/etc/nginx/sites-available/citadel.conf"
+    assert not os.path.lexists(enabled / "default")
+    text = converged.path("/etc/nginx/sites-available/citadel.conf").read_text()
     assert "listen 443 ssl http2;" in text and "server 127.0.0.1:8000;" in text
     assert "proxy_buffering off;" in text and "X-Forwarded-Proto $scheme" in text
     assert owner(converged.path("/etc/ssl/citadel/citadel.key")) == (0, 0, 0o600)
@@ -144,6 +150,28 @@ def test_postgresql_and_redis_are_configured_for_citadel(converged):
     assert "host    citadel    citadel    10.10.0.0/16    scram-sha-256" in hba
     redis = converged.path("/etc/redis/redis.conf").read_text().splitlines()
     assert "requirepass example-only-broker-password" in redis and "bind 127.0.0.1 -::1" in redis
+
+
+def test_the_control_plane_migrated_bootstrapped_and_made_the_sites_and_pools_on_postgresql(converged):
+    """`citadel migrate`, `citadel bootstrap` and the topology script, run by the play from the
+    chroot's virtual environment against this machine's PostgreSQL."""
+    require(converged.database is not None, "PostgreSQL on 127.0.0.1:5432")
+    import psycopg
+
+    with psycopg.connect(HOST_POSTGRES.rsplit("/", 1)[0] + f"/{converged.database}") as connection:
+        sites = dict(connection.execute("SELECT name, jurisdiction FROM residency_site").fetchall())
+        pools = dict(connection.execute("SELECT p.name, s.name FROM registry_workerpool p "
+                                        "JOIN residency_site s ON s.id = p.site_id").fetchall())
+        admins = connection.execute("SELECT count(*) FROM auth_user WHERE username = 'admin'").fetchone()[0]
+        audited = connection.execute("SELECT count(*) FROM audit_auditrecord WHERE actor_id = 'ansible' "
+                                     "OR actor_label = 'ansible'").fetchone()[0]
+    assert sites["eu-fra"] == "EU" and sites["us-nyc"] == "US"
+    assert pools["eu-fra-h200"] == "eu-fra" and pools["eu-fra-finetune"] == "eu-fra"
+    assert pools["local"] == "local", "citadel bootstrap's demo pool"
+    assert admins == 1
+    assert audited >= 4, "sites and pools are created through the services, which audit them"
+    uid, _ = chroot_ids(converged, "citadel")
+    assert owner(converged.path("/var/lib/citadel/admin-password"))[::2] == (uid, 0o600)
 
 
 def test_a_second_run_changes_nothing(converged):
