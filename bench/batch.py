@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="offline then batch, this many times; best of each")
     parser.add_argument("--chunk-lines", type=int, default=64, help="CITADEL_BATCH_CHUNK_LINES of the worker")
-    parser.add_argument("--feeders", type=int, default=2, help="CITADEL_BATCH_FEEDERS of the worker")
+    parser.add_argument("--feeders", type=int, default=3, help="CITADEL_BATCH_FEEDERS of the worker")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/citadel_bench_batch",
                         help="a PostgreSQL database the benchmark may drop and create")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/11", help="a Redis database it may flush")

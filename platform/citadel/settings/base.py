@@ -25,7 +25,8 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_FINETUNE_WORKER_SLOTS  fine-tuning jobs one worker process trains at once (1)
     CITADEL_BATCH_MAX_FILE_BYTES  largest batch input file (200 MiB); CITADEL_BATCH_MAX_LINES (50000)
     CITADEL_BATCH_CHUNK_LINES  lines a worker hands the engine at once (64); CITADEL_BATCH_FEEDERS  chunks
-                         in flight per batch task (2), so the engine's batch refills while a chunk is saved
+                         in flight per batch task (3: more lines than the engine runs at once, so its batch
+                         refills from the engine's queue while a finished chunk is saved)
     PROMETHEUS_MULTIPROC_DIR  where gunicorn's processes share their metrics (default: <data dir>/prometheus)
     CITADEL_QUOTA_REDIS_URL  Redis for the per-minute quota windows (default: CELERY_BROKER_URL when it
                          is Redis; otherwise the database counts them)
@@ -231,7 +232,7 @@ CITADEL_FINETUNE_WORKER_SLOTS = env.int("CITADEL_FINETUNE_WORKER_SLOTS", default
 CITADEL_BATCH_MAX_FILE_BYTES = env.int("CITADEL_BATCH_MAX_FILE_BYTES", default=200 * 1024 * 1024)
 CITADEL_BATCH_MAX_LINES = env.int("CITADEL_BATCH_MAX_LINES", default=50_000)
 CITADEL_BATCH_CHUNK_LINES = env.int("CITADEL_BATCH_CHUNK_LINES", default=64)
-CITADEL_BATCH_FEEDERS = env.int("CITADEL_BATCH_FEEDERS", default=2)
+CITADEL_BATCH_FEEDERS = env.int("CITADEL_BATCH_FEEDERS", default=3)
 # Every process of this host (gunicorn's workers, a Celery worker) writes its metrics here, so they add up.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))
 
