@@ -83,3 +83,32 @@ def test_a_package_file_that_does_not_exist_stops_the_run(tmp_path):
     run = validate(package=tmp_path / "missing.whl")
     assert run.returncode != 0
     assert "citadel_common_package_src names" in run.output and "which is not a file on this machine" in run.output
+
+
+
+@pytest.mark.parametrize(("broker", "url"), [
+    ("redis", "redis://:example-only-broker-password@10.10.0.10:6379/0"),
+    ("rabbitmq", "amqp://citadel:example-only-broker-password@10.10.0.10:5672/citadel"),
+])
+def test_the_broker_url_follows_the_chosen_broker(package, tmp_path, broker, url):
+    """What CELERY_BROKER_URL becomes on a worker for each broker (the converge test takes Redis)."""
+    require_ansible()
+    playbook = tmp_path / "broker-url.yml"
+    playbook.write_text("""---
+- name: Show the settings a worker gets.
+  hosts: nyc-gpu-1.example.internal
+  gather_facts: false
+  tasks:
+    - name: Check the settings as site.yml does.
+      ansible.builtin.import_role:
+        name: citadel_common
+        tasks_from: assert.yml
+    - name: Show the broker URL.
+      ansible.builtin.debug:
+        msg: "BROKER_URL={{ citadel_common_environment['CELERY_BROKER_URL'] }}"
+""")
+    run = run_playbook(["-i", str(EXAMPLE / "hosts.yml"), "--vault-password-file", str(VAULT_PASSWORD_FILE),
+                        "-e", f"citadel_common_broker={broker}", "-e", f"citadel_common_package_src={package}",
+                        str(playbook)], timeout=120)
+    assert run.returncode == 0, run.output[-3000:]
+    assert f"BROKER_URL={url}" in run.output
