@@ -67,10 +67,20 @@ def page(servers):
             context = browser.new_context(base_url=servers[0])
             page = context.new_page()
             page.set_default_timeout(30_000)
+            _usable_connection()
             yield page
             browser.close()
     finally:
         os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+def _usable_connection() -> None:
+    """Reconnect when an earlier module's live stack ended by terminating this database's other sessions
+    (tests/conftest.py): under Playwright's event loop the test may be handed that terminated one."""
+    from django.db import connection
+
+    if connection.connection is not None and not connection.is_usable():
+        connection.close()
 
 
 def _sign_in(page, username, password):
