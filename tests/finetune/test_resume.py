@@ -27,7 +27,7 @@ def adapter_tensors(folder):
     return load_file(folder / "adapter_model.safetensors")
 
 
-def test_should_stop_cancels_within_a_step_and_writes_no_adapter(demo, small_train, tmp_path):
+def test_should_stop_cancels_before_the_next_step_and_writes_no_adapter(demo, small_train, tmp_path):
     events = []
     result = run(demo, small_train, tmp_path / "out", stop_after=2, events=events)
     assert result.cancelled and result.steps == 2 and result.adapter_dir is None
