@@ -290,3 +290,16 @@ def test_an_auditor_enrols_their_own_second_factor_through_the_api():
     assert started.status_code == 201
     assert client.post("/api/v1/me/totp/confirm/", {"code": totp_code(secret=started.json()["secret"])},
                        content_type="application/json").json()["enrolled"] is True
+
+
+def test_check_deploy_warns_when_sign_in_is_weakened(tmp_path):
+    from tests.platform.test_settings import run_manage
+
+    result = run_manage(["check", "--deploy", "--fail-level", "WARNING"],
+                        DJANGO_SETTINGS_MODULE="citadel.settings.production",
+                        DJANGO_SECRET_KEY="a-long-random-production-secret-" + "x7Yq2" * 10,
+                        CITADEL_AUDIT_SIGNING_KEY="A" * 43 + "=", ALLOWED_HOSTS="citadel.example.org",
+                        CITADEL_DATA_DIR=str(tmp_path), CITADEL_MFA_REQUIRED="false",
+                        CITADEL_OIDC_ISSUER="http://idp.example.org", CITADEL_OIDC_CLIENT_ID="c")
+    assert result.returncode != 0
+    assert "citadel.W101" in result.stderr and "citadel.W103" in result.stderr

@@ -6,4 +6,4 @@ class AccountsConfig(AppConfig):
     label = "accounts"
 
     def ready(self):
-        from citadel.accounts import schema, signals  # noqa: F401 - schema extension, login auditing
+        from citadel.accounts import checks, schema, signals  # noqa: F401 - deploy checks, schema, login auditing
