@@ -282,3 +282,18 @@ def test_a_fine_tuning_job_is_refused_with_429_once_the_keys_gpu_hours_are_used_
     refused = create(world, training_file=file_id)
     assert refused.status_code == 429 and error_of(refused)["code"] == "insufficient_quota"
     assert int(refused["Retry-After"]) > 0 and FineTuningJob.objects.count() == 1
+
+
+def test_a_console_session_runs_on_its_teams_quota(redis_quota_settings, team_and_user):
+    team, _ = team_and_user
+    engineer = get_user_model().objects.create_user("eng", password="x" * 16)
+    membership_set(team=team, user=engineer, role=Role.ML_ENGINEER, actor=SYSTEM)
+    quota_set(team=team, limits={"requests_per_minute": 2}, actor=SYSTEM)
+    client = Client()
+    client.force_login(engineer)
+    body = {"model": "nothing-deployed", "messages": [{"role": "user", "content": "hi"}]}
+    statuses = [client.post("/playground/stream", body, content_type="application/json").status_code
+                for _ in range(3)]
+    assert statuses[:2] != [429, 429] and statuses[2] == 429
+    refused = client.post("/playground/stream", body, content_type="application/json")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) >= 1

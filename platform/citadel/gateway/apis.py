@@ -23,6 +23,7 @@ from citadel.gateway.streaming import job_event_stream
 from citadel.jobs.models import InferenceJob
 from citadel.jobs.selectors import job_wait
 from citadel.jobs.services import job_error, job_submit
+from citadel.quotas.limiter import quota_admit
 from citadel.registry.selectors import model_adapter, models_deployed
 from citadel.residency.services import request_subject
 
@@ -64,6 +65,8 @@ def run_job(request, data, *, kind: str):
     if api_key is not None and not api_key.allows_model(data.validated_data["model"]):
         raise PermissionDenied(f"This API key may not use the model '{data.validated_data['model']}' (its models: "
                                f"{', '.join(api_key.allowed_models)}).", param="model", code="model_not_allowed")
+    if api_key is None:  # a console session runs on its team's quota (a key's request was counted on arrival)
+        quota_admit(team=request_subject(request).team)
     payload = data.payload()
     adapter = model_adapter(name=data.validated_data["model"])
     if adapter is not None:  # a fine-tuned model: its base's deployment runs it with this adapter

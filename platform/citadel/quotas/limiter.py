@@ -125,12 +125,16 @@ def _check_tokens(quota: Quota, now: datetime) -> None:
                               retry_after=(_next_month(now) - now).total_seconds(), code="insufficient_quota")
 
 
-def quota_admit(*, api_key) -> None:
-    """Admit one request made with `api_key`, counting it against its key's and team's per-minute
-    windows, or raise RateLimited (429, with the seconds to wait)."""
-    condition = Q(api_key_id=api_key.pk)
-    if api_key.team_id:
-        condition |= Q(team_id=api_key.team_id)
+def quota_admit(*, api_key=None, team=None) -> None:
+    """Admit one request made with `api_key` (or, for a console session, on behalf of `team`),
+    counting it against the key's and the team's per-minute windows, or raise RateLimited (429,
+    with the seconds to wait)."""
+    condition = Q(pk__in=[])
+    if api_key is not None:
+        condition |= Q(api_key_id=api_key.pk)
+        team = api_key.team
+    if team is not None:
+        condition |= Q(team_id=team.pk)
     quotas = list(Quota.objects.filter(condition))
     if not quotas:
         return
