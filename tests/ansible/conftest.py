@@ -29,6 +29,8 @@ EXAMPLE = ANSIBLE_DIR / "inventories" / "example"
 VAULT_PASSWORD_FILE = EXAMPLE / "example-vault-password.txt"
 ROOT_CACHE = Path(os.environ.get("CITADEL_TEST_ROOT_CACHE", "/var/cache/citadel-test-root"))
 ROOT_READY = ".citadel-test-root-complete"
+# Debian packages the converge downloaded, kept for the next run's apt (it still installs them).
+DEB_CACHE = Path(f"{ROOT_CACHE}-debs")
 SUITE = "bookworm"
 # A plain host: Debian's minimal base, plus Python for Ansible and systemd (which every real host
 # has, and whose systemctl enables units). A cache made by another recipe is made again.
@@ -224,6 +226,17 @@ def host_database(action: str, name: str) -> None:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def share_debs(source: Path, dest: Path) -> None:
+    """Hard-link (else copy) the .deb files of `source` missing from `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for deb in source.glob("*.deb"):
+        if not (dest / deb.name).exists():
+            try:
+                os.link(deb, dest / deb.name)
+            except OSError:
+                shutil.copy2(deb, dest / deb.name)
+
+
 @pytest.fixture(scope="session")
 def converge_target(tmp_path_factory):
     """A fresh copy of the cached Debian root, with this machine's package folders, a wheel of
@@ -248,6 +261,7 @@ def converge_target(tmp_path_factory):
         subprocess.run(["cp", "-a", "--reflink=auto", str(cache), str(root)], check=True)
         for folder in PACKAGE_FOLDERS:
             link_or_copy_tree(folder, root / folder.relative_to("/"))
+        share_debs(DEB_CACHE, root / "var/cache/apt/archives")
         build = tmp_path_factory.mktemp("package")
         wheel = build_wheel(build)
         pins = wheelhouse.build(root / "opt/citadel-test-wheelhouse", wheel)
@@ -280,6 +294,7 @@ all:
         print(f"target ready (root, package folders, wheel, pins): {time.monotonic() - started:.0f} s")
         yield Target(root=root, work=work, playbook_args=args, database=database)
     finally:
+        share_debs(work / "root/var/cache/apt/archives", DEB_CACHE)
         if database:
             host_database("drop", database)
         for log in work.glob("*-run.log"):
