@@ -198,6 +198,9 @@ citadel_common_pip_requirements_src: {requirements}
 citadel_common_pip_index_url: file:///opt/pypi/simple
 citadel_common_pip_extra_index_urls: [file:///opt/pypi-more/simple]
 citadel_common_pip_find_links: [/opt/wheels, /opt/citadel-test-wheelhouse]
+# Byte-compiling torch's and transformers' thousands of modules is most of the install on 2 cores;
+# production keeps it (the code is root's, so the services could not write the bytecode later).
+citadel_common_pip_extra_args: --no-compile
 citadel_common_database_host: 127.0.0.1
 citadel_common_broker_host: 127.0.0.1
 citadel_postgresql_listen_addresses: [localhost]
