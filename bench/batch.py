@@ -9,8 +9,9 @@ The same chat conversations, model (models/demo-v4) and sampling settings run tw
   database, output written to a file).
 
 Throughput is completion tokens per second of wall time (for the batch: from the create call to
-`completed` seen by the client). The two alternate for a few rounds and the best of each is
-compared (every round is recorded), since this shared VM's speed drifts within a run. The goal
+`completed` seen by the client). The two alternate for a few rounds, each round measuring them back
+to back; batch_throughput_ratio is the median of the rounds' ratios (every round is recorded, and
+the ratio of each system's best round too), since this shared VM's speed drifts within a run. The goal
 is batch_throughput_ratio >= 0.9. Ends with one JSON line.
 
     python -m bench.batch --quick          # 256 conversations
@@ -223,13 +224,24 @@ def run(args) -> dict:
                                / entry["offline_llm_chat"]["tokens_per_second"], 3)
     result["systems"] = {name: {**system, "best_of": args.rounds} for name, system in best.items()}
     result["rounds"] = rounds
-    result["batch_throughput_ratio"] = round(best["citadel_batch_api"]["tokens_per_second"]
-                                             / best["offline_llm_chat"]["tokens_per_second"], 3)
+    result.update(summarize(rounds, best))
     result["same_completion_tokens"] = (best["citadel_batch_api"]["completion_tokens"]
                                         == best["offline_llm_chat"]["completion_tokens"])
     result["identical_texts"] = f"{same}/{len(convs)}"
     result["target"] = {"batch_throughput_ratio": ">= 0.9", "met": result["batch_throughput_ratio"] >= 0.9}
     return result
+
+
+def summarize(rounds: list[dict], best: dict) -> dict:
+    """The headline ratio is the median of the rounds' paired ratios (offline and batch measured back to
+    back, so a busy minute hits both); the ratio of each system's best round is kept beside it, since on
+    a quiet machine the two agree and on a shared one they show how far the noise reaches."""
+    ratios = sorted(entry["ratio"] for entry in rounds)
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return {"batch_throughput_ratio": round(median, 3),
+            "batch_throughput_ratio_best_of_each": round(best["citadel_batch_api"]["tokens_per_second"]
+                                                         / best["offline_llm_chat"]["tokens_per_second"], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, system in result["systems"].items():
         print(f"{name:26s} {system['completion_tokens']:6d} tokens {system['seconds']:8.2f} s "
               f"{system['tokens_per_second']:8.2f} tokens/s", file=sys.stderr)
-    print(f"batch_throughput_ratio {result['batch_throughput_ratio']} (target >= 0.9)", file=sys.stderr)
+    print(f"batch_throughput_ratio {result['batch_throughput_ratio']} (median of rounds; target >= 0.9), "
+          f"best of each {result['batch_throughput_ratio_best_of_each']}", file=sys.stderr)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
