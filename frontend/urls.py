@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views, views_account, views_finetuning, views_usage
+from frontend import views, views_account, views_admin_identity, views_finetuning, views_usage
 
 app_name = "frontend"
 
@@ -12,6 +12,9 @@ urlpatterns = [
     path("account/", views_account.account_page, name="account"),
     path("account/totp/", views_account.account_totp, name="account-totp"),
     path("teams/<str:name>/", views_account.team_page, name="team"),
+    path("account/keys/<str:prefix>/quota/", views_admin_identity.key_quota_page, name="key-quota"),
+    path("identity/sso-groups/", views_admin_identity.sso_mappings_page, name="identity-sso-mappings"),
+    path("identity/login-locks/", views_admin_identity.login_locks_page, name="identity-login-locks"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("models/", views.models_page, name="models"),
     path("playground/", views.playground, name="playground"),
