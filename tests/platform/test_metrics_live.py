@@ -3,6 +3,7 @@ after a small load shows every family of the issue present, and the ones the loa
 
 import io
 import json
+import os
 import time
 
 import httpx
@@ -43,7 +44,22 @@ def total(families: dict, family: str, suffix: str = "_count", **labels) -> floa
 
 
 @pytest.fixture(scope="module")
-def client(live_stack, django_db_blocker, tmp_path_factory):
+def worker_port():
+    """The worker serves its own metrics here (read from the environment the live stack copies)."""
+    from tests.live_stack import free_port
+
+    port = free_port()
+    saved = os.environ.get("CITADEL_WORKER_METRICS_PORT")
+    os.environ["CITADEL_WORKER_METRICS_PORT"] = str(port)
+    yield port
+    if saved is None:
+        os.environ.pop("CITADEL_WORKER_METRICS_PORT", None)
+    else:
+        os.environ["CITADEL_WORKER_METRICS_PORT"] = saved
+
+
+@pytest.fixture(scope="module")
+def client(worker_port, live_stack, django_db_blocker, tmp_path_factory):
     from citadel.residency.models import Site
 
     with django_db_blocker.unblock():  # committed, for gunicorn to see: batch files are stored at site-a
@@ -98,3 +114,10 @@ def test_a_batch_moves_the_batch_families(client, live_stack):
     assert total(after, "citadel_generated_tokens", "_total", source="batch") \
         > total(before, "citadel_generated_tokens", "_total", source="batch")
     assert ("citadel_queue_depth", ("kind", "batch_line"), ("pool", live_stack.pool)) in after["citadel_queue_depth"]
+
+
+def test_a_worker_serves_its_own_metrics_on_its_port(client, worker_port):
+    text = httpx.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=30).text
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"citadel_time_to_first_token_seconds", "citadel_inter_token_latency_seconds",
+            "citadel_generated_tokens", "citadel_engine_tokens_per_second"} <= names
