@@ -123,8 +123,9 @@ def link_or_copy_tree(source: Path, dest: Path) -> None:
         subprocess.run(["cp", "-a", str(source), str(dest)], check=True)
 
 
-def build_wheel(out: Path) -> Path:
-    """A wheel of this checkout, built from a copy so that nothing is written into the repository."""
+def build_wheel(out: Path, mark: str = "") -> Path:
+    """A wheel of this checkout, built from a copy so that nothing is written into the repository;
+    `mark`, when given, is appended as a comment to citadel/__init__.py (a rebuilt package)."""
     source = out / "source"
     source.mkdir(parents=True)
     with tarfile.open(out / "source.tar", "w") as tar:
@@ -132,6 +133,9 @@ def build_wheel(out: Path) -> Path:
             tar.add(REPO / name, arcname=name, filter=lambda info: None if "__pycache__" in info.name else info)
     with tarfile.open(out / "source.tar") as tar:
         tar.extractall(source, filter="data")
+    if mark:
+        with open(source / "platform/citadel/__init__.py", "a") as module:
+            module.write(f"# {mark}\n")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(out / "dist"), str(source)], check=True, capture_output=True, text=True)
     return next((out / "dist").glob("citadel-*.whl"))

@@ -1,5 +1,6 @@
 """site.yml applied to a real Debian 12 root file system through Ansible's chroot connection:
-what it installs and writes, then a second run that changes nothing.
+what it installs and writes, then a second run that changes nothing, then a run with a rebuilt
+package of the same version, which is installed again.
 
 A chroot has no running systemd, so services are installed and enabled but not started, and the
 database user and database are not made in the chroot's PostgreSQL. Migrations, `citadel bootstrap`
@@ -13,7 +14,7 @@ import stat
 
 import pytest
 
-from tests.ansible.conftest import HOST_POSTGRES, run_playbook
+from tests.ansible.conftest import HOST_POSTGRES, build_wheel, run_playbook
 from tests.conftest import require
 
 pytestmark = [pytest.mark.converge, pytest.mark.timeout(1200)]
@@ -181,3 +182,22 @@ def test_a_second_run_changes_nothing(converged):
     assert run.recap["converge"]["changed"] == 0, f"changed on the second run: {run.changed_tasks()}"
     assert run.recap["converge"]["failed"] == 0
 
+
+
+def test_a_rebuilt_package_of_the_same_version_is_installed_again_and_nothing_else_changes(converged, tmp_path):
+    """A checkout between releases: same version, new content. pip alone would keep the old one."""
+    wheel = build_wheel(tmp_path, mark="rebuilt by the converge test")
+    run = run_playbook([*converged.playbook_args, "-e", f"citadel_common_package_src={wheel}"],
+                       log=converged.work / "third-run.log", timeout=900)
+    print(f"third converge (rebuilt package): {run.seconds:.0f} s")
+    assert run.returncode == 0, f"the run failed:\n{run.output[-8000:]}"
+    assert run.changed_tasks() == [
+        "citadel_common : Copy the Citadel package built from a checkout to the host.",
+        "citadel_common : Install the copied package again when it is not the one installed last.",
+        "citadel_common : Remember which package file is installed.",
+        # The reinstalled package's static files are newer than the collected ones: collected again.
+        "citadel_control_plane : Collect the static files.",
+    ]
+    installed = converged.run("/opt/citadel/venv/bin/python", "-c",
+                              "import citadel, pathlib; print(pathlib.Path(citadel.__file__).read_text())").stdout
+    assert "# rebuilt by the converge test" in installed
