@@ -9,7 +9,7 @@ from citadel.audit.models import AuditRecord
 from citadel.audit.services import Actor
 from citadel.jobs.models import InferenceChunk, InferenceJob
 from citadel.jobs.selectors import Delta, Finished, job_follow
-from citadel.jobs.services import job_claim, job_succeed
+from citadel.jobs.services import job_append_chunk, job_claim, job_succeed
 from citadel.jobs.tasks import run_inference
 from citadel.registry.models import Worker
 from citadel.registry.services import deployment_create, model_register, pool_create, worker_heartbeat
@@ -41,6 +41,21 @@ def test_the_task_does_nothing_for_a_job_that_already_finished(job):
     run_inference.run(str(job.id))  # a redelivery after completion
     job.refresh_from_db()
     assert job.status == "succeeded" and job.text == "done" and job.attempts == 1
+
+
+def test_a_generated_nul_character_is_stored_as_a_replacement_character_with_its_bytes_kept(job):
+    """PostgreSQL's text and jsonb refuse NUL; a model can generate it, and the job must not fail for it."""
+    job_claim(job_id=job.id, worker_name="p@a")
+    entry = {"token": "a\x00", "logprob": -0.1, "bytes": [97, 0], "top_logprobs": [
+        {"token": "\x00", "logprob": -0.1, "bytes": [0]}]}
+    job_append_chunk(job=job, index=0, text="a\x00", logprobs=[entry])
+    job_succeed(job=job, text="a\x00b", finish_reason="stop", prompt_tokens=1, completion_tokens=2,
+                logprobs=[entry])
+    job.refresh_from_db()
+    assert job.text == "a\ufffdb" and job.status == "succeeded"
+    stored = job.logprobs[0]
+    assert stored["token"] == "a\ufffd" and stored["bytes"] == [97, 0] and stored["top_logprobs"][0]["bytes"] == [0]
+    assert InferenceChunk.objects.get(job=job, index=0).text == "a\ufffd"
 
 
 def test_following_a_job_yields_its_chunks_in_order_then_the_final_row(job):

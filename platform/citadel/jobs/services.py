@@ -145,16 +145,35 @@ def job_claim(*, job_id: str, worker_name: str) -> InferenceJob | None:
     return job
 
 
+NUL_REPLACEMENT = "\ufffd"
+
+
+def storable(value):
+    """`value` (text, or logprob entries) with NUL characters replaced by U+FFFD.
+
+    PostgreSQL's text and jsonb cannot hold NUL, and a model can generate it; the token's exact
+    bytes still travel in the logprob entries' `bytes`.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", NUL_REPLACEMENT) if "\x00" in value else value
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (v if k == "bytes" else storable(v)) for k, v in value.items()}
+    return value
+
+
 def job_append_chunk(*, job: InferenceJob, index: int, text: str, logprobs: list[dict] | None = None) -> None:
-    InferenceChunk.objects.create(job=job, index=index, text=text, logprobs=logprobs)
+    InferenceChunk.objects.create(job=job, index=index, text=storable(text), logprobs=storable(logprobs))
 
 
 @transaction.atomic
 def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_tokens: int,
                 completion_tokens: int, logprobs: list[dict] | None = None) -> None:
     updated = InferenceJob.objects.filter(pk=job.pk, status=InferenceJob.Status.RUNNING).update(
-        status=InferenceJob.Status.SUCCEEDED, text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens, logprobs=logprobs, finished_at=timezone.now(),
+        status=InferenceJob.Status.SUCCEEDED, text=storable(text), finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, logprobs=storable(logprobs),
+        finished_at=timezone.now(),
         payload=retained_payload(job.payload, job.prompt_retention),
     )
     if updated:
