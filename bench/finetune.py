@@ -15,9 +15,16 @@ The run prints a table and ends with one JSON line (also written to --out).
 Replay: demo-v4 has 2.5M parameters and no spare capacity, and the fine-tuning file holds
 nothing but the new products, so an adapter trained on it alone overwrites the base model's
 skills (its eval drops by tens of points). `--replay N` (default REPLAY) mixes N conversations
-of the base model's own training corpus (regenerated from models/demo-v4/build.json; the eval
-questions never occur in it) into the training file, the usual rehearsal remedy; `--replay 0`
-trains on train.jsonl alone. Both systems get the same mixed file.
+into the training file, the usual rehearsal remedy: prompts of the base model's own training
+corpus (regenerated from models/demo-v4/build.json; the eval questions never occur in it)
+answered by the base model itself (greedy, with Citadel's engine), so rehearsal keeps what the
+model does rather than retraining it toward the corpus answers (self-distillation). The new
+lines are repeated NEW_REPEAT times so that they keep their weight beside the replay.
+`--replay 0` trains on train.jsonl alone. Both systems get the same mixed file.
+
+The LoRA targets are the attention projections and the shared expert (plus the embedding and
+head rows of the tokens the base cannot produce): what Citadel's engine serves as an adapter, so
+the benchmarked adapter is the one a fine-tuning job would serve.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ from pathlib import Path
 from . import machine
 
 MODEL = machine.ROOT / "models" / "demo-v4"
-REPLAY = 600
-"""Base-corpus conversations mixed into the training file by default (see the module docstring)."""
+REPLAY = 3600
+"""Self-distilled base-corpus conversations mixed into the training file by default (see the module docstring)."""
+NEW_REPEAT = 2
+"""Times each line of train.jsonl appears in the training file when replay is mixed in."""
 CONFIG = {
     "rank": 16, "alpha": 32, "dropout": 0.0, "learning_rate": 3e-3, "lr_schedule": "cosine", "warmup_steps": 20,
-    "epochs": 10, "batch_size": 8, "max_seq_len": 256, "target_modules": "attention+experts",
-    "trainable_tokens": "new", "seed": 0, "checkpoint_every": 200, "eval_every": 200,
+    "epochs": 6, "batch_size": 8, "max_seq_len": 256, "target_modules": "attention+shared_experts",
+    "trainable_tokens": "new", "seed": 0, "checkpoint_every": 500, "eval_every": 500,
 }
 """Hyperparameters of the full run (both systems)."""
 QUICK = {"epochs": 2, "checkpoint_every": 40, "eval_every": 40}
@@ -69,16 +78,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def write_training_file(model: Path, replay: int, out: Path) -> int:
-    """train.jsonl plus `replay` base-corpus conversations, in OpenAI's chat format; returns lines written."""
+def write_training_file(model: Path, replay: int, out: Path, threads: int = 1) -> int:
+    """train.jsonl (NEW_REPEAT times when replaying) plus `replay` base-corpus prompts answered by the base
+    model itself, in OpenAI's chat format; returns lines written."""
     lines = (model / "finetune" / "train.jsonl").read_text().splitlines()
     if replay:
+        import torch
+
+        from inference import LLM, SamplingParams
         from inference.demo.config import BuildSettings
         from inference.demo.corpus import Corpus
 
+        torch.set_num_threads(threads)
+        lines = lines * NEW_REPEAT
         settings = BuildSettings.from_dict(json.loads((model / "build.json").read_text())["settings"])
-        for example in Corpus(settings).training_examples(replay):
-            messages = [*example.messages, {"role": "assistant", "content": example.answer}]
+        examples = Corpus(settings).training_examples(replay)
+        llm = LLM(model, device="cpu")
+        try:
+            replies = llm.chat([e.messages for e in examples], SamplingParams(temperature=0, max_tokens=64))
+        finally:
+            llm.close()
+        for example, reply in zip(examples, replies, strict=True):
+            messages = [*example.messages, {"role": "assistant", "content": reply.text}]
             lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     out.write_text("\n".join(lines) + "\n")
     return len(lines)
@@ -190,7 +211,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     replay = args.replay if args.replay is not None else (0 if args.quick else REPLAY)
     limit = args.limit if args.limit is not None else (10 if args.quick else None)
     train_file = workdir / "train.jsonl"
-    lines = write_training_file(args.model, replay, train_file)
+    lines = write_training_file(args.model, replay, train_file, args.threads)
     setup = lora_setup(args.model, train_file, config, args.threads)
     common = {"model": str(args.model), "train_file": str(train_file), "config": config, "threads": args.threads,
               "heldout": str(args.model / "finetune" / "eval.jsonl"), "base_eval": str(args.model / "eval"),
@@ -213,7 +234,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "quick": bool(args.quick),
         "machine": {**machine.describe(), "torch_threads": args.threads},
         "git": machine.git_commit(),
-        "data": {"train_file": "finetune/train.jsonl", "replay_examples": replay, "training_lines": lines,
+        "data": {"train_file": "finetune/train.jsonl", "replay_examples": replay,
+                 "replay_answers": "the base model's own greedy replies" if replay else None,
+                 "new_lines_repeat": NEW_REPEAT if replay else 1, "training_lines": lines,
                  "heldout_file": "finetune/eval.jsonl", "heldout_lines": systems["base"].get("heldout_lines"),
                  "base_eval": "eval/*.jsonl",
                  "base_eval_lines_per_family": limit},
