@@ -149,8 +149,7 @@ def load_adapter(
             raise AdapterError(f"adapter {request.name!r}: {hf_name} holds non-finite values (NaN or inf)")
         modules[native] = (a.contiguous(), b.contiguous(), _scaling(config, hf_name, rank))
     token_rows = _token_rows(request.name, config, token_deltas, name_map, token_modules or {})
-    stat = weights_path.stat()
-    key = f"{weights_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = adapter_cache_key(request)
     rank = max((a.shape[0] for a, _, _ in modules.values()), default=0)
     return LoRAAdapter(
         name=request.name, path=folder, key=key, modules=modules, rank=rank, token_rows=token_rows

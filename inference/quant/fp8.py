@@ -111,8 +111,3 @@ def quantize_linears(model: nn.Module, excluded: str | None = None) -> list[str]
         setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
     return names
 
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `model` (what its weights take in memory)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)

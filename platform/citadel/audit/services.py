@@ -288,7 +288,7 @@ def retention_rules(default_days: int | None) -> tuple[int | None, dict[str, int
     return (default_days or None), classes
 
 
-def _kept_by_retention(now: datetime, default_days: int | None, classes: dict[str, int]) -> Q | None:
+def _kept_by_retention(now: datetime, default_days: int | None, classes: dict[str, int]) -> Q:
     """Records (annotated by _with_data_class) whose retention has not run out at `now`."""
     kept = []
     for name, days in classes.items():
@@ -343,12 +343,11 @@ def audit_purge(*, older_than_days: int | None, actor: Actor, now: datetime | No
         boundary = first_kept if first_kept is not None else head_sequence + 1
         below = _with_data_class(AuditRecord.objects.filter(sequence__lt=boundary))
         held, by_retention = _held(), _kept_by_retention(now, default_days, classes)
-        kept = by_retention if held is None else (held if by_retention is None else held | by_retention)
-        doomed = below.exclude(kept) if kept is not None else below
+        kept = by_retention if held is None else held | by_retention
+        doomed = below.exclude(kept)
         if boundary <= 1 or not doomed.exists():
             return None
-        retained = list(below.filter(kept).order_by("sequence").values_list("sequence", "record_hash")) \
-            if kept is not None else []
+        retained = list(below.filter(kept).order_by("sequence").values_list("sequence", "record_hash"))
         held_count = below.filter(held).count() if held is not None else 0
         boundary_prev_hash = AuditRecord.objects.filter(sequence=boundary - 1).values_list("record_hash", flat=True)
         boundary_prev_hash = boundary_prev_hash.first() or _previous_boundary_hash(boundary)
