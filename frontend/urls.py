@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views, views_account, views_admin_identity, views_finetuning, views_usage
+from frontend import (views, views_account, views_admin_identity, views_audit, views_finetuning, views_usage)
 
 app_name = "frontend"
 
@@ -29,4 +29,8 @@ urlpatterns = [
     path("fine-tuning/jobs/<str:job_id>/cancel", views_finetuning.job_cancel, name="finetuning-job-cancel"),
     path("usage/", views_usage.usage_page, name="usage"),
     path("usage/export.csv", views_usage.usage_export, name="usage-export"),
+    path("audit/", views_audit.audit_page, name="audit"),
+    path("audit/records/<int:sequence>/", views_audit.audit_record_page, name="audit-record"),
+    path("audit/verify/", views_audit.audit_verify, name="audit-verify"),
+    path("audit/export/", views_audit.audit_download, name="audit-export"),
 ]
