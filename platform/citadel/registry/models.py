@@ -20,6 +20,10 @@ class Model(models.Model):
     adapter_path = models.CharField(max_length=500, blank=True,
                                     help_text="For a fine-tuned variant: its PEFT adapter folder on the worker hosts.")
     family = models.CharField(max_length=64, blank=True, help_text="config.json's model_type.")
+    manifest = models.JSONField(
+        default=dict, blank=True,
+        help_text="{file name: SHA-256} of the files the engine loads, recorded at import and checked by a worker "
+                  "before it loads the model (citadel.registry.manifest).")
     description = models.TextField(blank=True)
     teams = models.ManyToManyField(
         "accounts.Team", blank=True, related_name="models",

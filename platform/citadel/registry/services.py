@@ -5,6 +5,8 @@ data (citadel.residency.services.deployment_check); the refusal is audited.
 """
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from django.db import transaction
@@ -13,6 +15,7 @@ from django.utils.text import slugify
 
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import Conflict, InvalidRequest
+from citadel.registry.manifest import ModelFileRejected, manifest_build, manifest_check
 from citadel.registry.models import Deployment, Model, Worker, WorkerPool
 from citadel.residency.models import Site
 from citadel.residency.services import deployment_check, deployment_refusal, site_get_or_create
@@ -41,9 +44,32 @@ def model_register(*, name: str, path: str, actor: Actor, description: str = "",
     if not folder.is_absolute():
         raise InvalidRequest(f"path {path!r} must be absolute: workers resolve it on their own hosts.", param="path")
     family = _checkpoint_family(folder) if folder.exists() else ""
-    model = Model.objects.create(name=name, path=str(folder), family=family, description=description)
+    # Pickle is refused and the files' SHA-256 recorded here; a worker checks them before loading.
+    manifest = manifest_build(folder) if folder.exists() else {}
+    model = Model.objects.create(name=name, path=str(folder), family=family, description=description,
+                                 manifest=manifest)
     audit_record(actor=actor, action="model.register", outcome="success", target_type="model",
-                 target_id=name, request=request, details={"path": str(folder), "family": family})
+                 target_id=name, request=request, details={"path": str(folder), "family": family,
+                                                           "manifest": manifest})
+    return model
+
+
+@transaction.atomic
+def model_manifest_record(*, model: Model, actor: Actor, request=None) -> Model:
+    """Record the SHA-256 manifest of `model`'s folder anew, as it is on this host: for a model
+    registered where its folder was not visible, or after a trusted change of its files."""
+    if model.base_id:
+        raise InvalidRequest(f"'{model.name}' is a fine-tuned variant: record the manifest of its base model "
+                             f"'{model.base.name}'.", param="model")
+    folder = Path(model.path)
+    if not folder.is_dir():
+        raise InvalidRequest(f"{folder} is not a folder on this host: run this where the model's files are.",
+                             param="path")
+    before, model.manifest = model.manifest, manifest_build(folder)
+    model.save(update_fields=["manifest"])
+    audit_record(actor=actor, action="model.manifest.record", outcome="success", target_type="model",
+                 target_id=model.name, request=request,
+                 details={"path": model.path, "before": before, "after": model.manifest})
     return model
 
 
@@ -172,3 +198,24 @@ def worker_offline(*, name: str, reason: str) -> None:
     if updated:
         audit_record(actor=Actor.system(name), action="worker.offline", outcome="success", target_type="worker",
                      target_id=name, details={"reason": reason})
+
+
+def model_files_check(*, path: str) -> None:
+    """A worker, before it loads the checkpoint at `path`: refuse pickle and any file that differs from
+    the manifest recorded at import (of every registered model at that path). A refusal is audited and
+    raised as ModelFileRejected, naming the file."""
+    folder = Path(path)
+    manifests = list(Model.objects.filter(path=path, base__isnull=True).values_list("name", "manifest"))
+    try:
+        if not manifests:
+            raise ModelFileRejected(f"No registered model has the path {path}, so there is no manifest to check "
+                                    "its files against. Register it first: `citadel models register NAME PATH`.",
+                                    file=path)
+        for _name, manifest in manifests:
+            manifest_check(folder, manifest)
+    except ModelFileRejected as error:
+        audit_record(actor=Actor.system(f"worker@{socket.gethostname()}"), action="model.load", outcome="denied",
+                     target_type="model", target_id=",".join(name for name, _ in manifests) or path,
+                     details={"path": path, "file": error.file, "reason": error.message, "pid": os.getpid()})
+        error.audited = True
+        raise
