@@ -1,7 +1,8 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import (views, views_account, views_admin_identity, views_audit, views_finetuning, views_usage)
+from frontend import (views, views_account, views_admin_identity, views_audit, views_finetuning, views_people,
+                      views_residency, views_usage)
 
 app_name = "frontend"
 
@@ -11,6 +12,11 @@ urlpatterns = [
     path("login/totp/", views_account.login_totp, name="login-totp"),
     path("account/", views_account.account_page, name="account"),
     path("account/totp/", views_account.account_totp, name="account-totp"),
+    path("account/password/", views_account.account_password, name="account-password"),
+    path("account/sessions/", views_account.account_sessions, name="account-sessions"),
+    path("teams/", views_people.teams_page, name="teams"),
+    path("users/", views_people.users_page, name="users"),
+    path("keys/", views_people.keys_page, name="keys"),
     path("teams/<str:name>/", views_account.team_page, name="team"),
     path("account/keys/<str:prefix>/quota/", views_admin_identity.key_quota_page, name="key-quota"),
     path("identity/sso-groups/", views_admin_identity.sso_mappings_page, name="identity-sso-mappings"),
@@ -33,4 +39,8 @@ urlpatterns = [
     path("audit/records/<int:sequence>/", views_audit.audit_record_page, name="audit-record"),
     path("audit/verify/", views_audit.audit_verify, name="audit-verify"),
     path("audit/export/", views_audit.audit_download, name="audit-export"),
+    path("residency/admin/", views_residency.residency_admin_page, name="residency-admin"),
+    path("residency/policies/new/", views_residency.policy_new, name="residency-policy-new"),
+    path("residency/policies/<int:pk>/edit/", views_residency.policy_edit, name="residency-policy-edit"),
+    path("residency/policies/<int:pk>/delete/", views_residency.policy_delete, name="residency-policy-delete"),
 ]
