@@ -44,6 +44,9 @@ class WorkerPool(models.Model):
     name = models.SlugField(max_length=64, unique=True)
     site = models.ForeignKey("residency.Site", on_delete=models.PROTECT, related_name="pools",
                              help_text="Where the pool's hardware is; residency policies allow or refuse it.")
+    queue_limit = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="Requests queued beyond the workers' slots before new ones get 429 (empty: CITADEL_POOL_QUEUE_LIMIT).")
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -10,6 +10,9 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CSRF_TRUSTED_ORIGINS comma-separated origins
     CITADEL_WORKER_STALE_SECONDS  a worker whose heartbeat is older is treated as gone (30)
     CITADEL_REQUEST_TIMEOUT_SECONDS  how long an API request waits for its job (300)
+    CITADEL_POOL_QUEUE_LIMIT  requests a pool queues beyond its workers' slots before answering 429 (64;
+                         WorkerPool.queue_limit overrides it per pool); CITADEL_POOL_WORKER_SLOTS  requests one
+                         worker runs at once (16, `citadel worker --concurrency`); CITADEL_POOL_RETRY_AFTER_SECONDS (2)
     CITADEL_AUDIT_SIGNING_KEY  Ed25519 private key signing audit checkpoints (PEM, or base64 from
                          `citadel audit keygen`); required in production, kept in the data dir otherwise
     CITADEL_AUDIT_TRUSTED_PUBLIC_KEYS  comma-separated older public keys still trusted after a rotation
@@ -207,6 +210,10 @@ CITADEL_WORKER_STALE_SECONDS = env.int("CITADEL_WORKER_STALE_SECONDS", default=3
 CITADEL_WORKER_HEARTBEAT_SECONDS = env.int("CITADEL_WORKER_HEARTBEAT_SECONDS", default=5)
 CITADEL_REQUEST_TIMEOUT_SECONDS = env.int("CITADEL_REQUEST_TIMEOUT_SECONDS", default=300)
 CITADEL_STREAM_POLL_SECONDS = env.float("CITADEL_STREAM_POLL_SECONDS", default=0.02)
+# Graceful overload (citadel.jobs.admission).
+CITADEL_POOL_QUEUE_LIMIT = env.int("CITADEL_POOL_QUEUE_LIMIT", default=64)
+CITADEL_POOL_WORKER_SLOTS = env.int("CITADEL_POOL_WORKER_SLOTS", default=16)
+CITADEL_POOL_RETRY_AFTER_SECONDS = env.int("CITADEL_POOL_RETRY_AFTER_SECONDS", default=2)
 # Addresses of reverse proxies whose X-Forwarded-For is believed for the audit's source address.
 CITADEL_TRUSTED_PROXIES = env.list("CITADEL_TRUSTED_PROXIES", default=[])
 # The audit log's signing key (platform/citadel/audit/signing.py); local and test settings name a
