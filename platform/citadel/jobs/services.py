@@ -13,20 +13,13 @@ from django.utils import timezone
 
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import CitadelError, ServiceUnavailable
+from citadel.jobs.admission import deployment_admit, no_worker_retry_after
 from citadel.jobs.models import InferenceChunk, InferenceJob
-from citadel.registry.models import Deployment
-from citadel.registry.selectors import deployments_active_for_model, model_get, workers_live
+from citadel.registry.selectors import deployments_active_for_model, model_get
 from citadel.residency.prompts import retained_payload
 from citadel.residency.services import ResidencyDenied, Subject, decide
 
 logger = logging.getLogger(__name__)
-
-
-def _deployment_with_live_worker(deployments) -> Deployment | None:
-    for deployment in deployments:
-        if workers_live(pool=deployment.pool).exists():
-            return deployment
-    return None
 
 
 def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor: Actor, subject: Subject,
@@ -37,7 +30,8 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
     Raises NotFound for an unknown model; ResidencyDenied (403) when the policy allows none of the
     model's pools, audited as denied with the decision and with no job row, since nothing runs; and
     ServiceUnavailable when no allowed pool has a live worker, the job row then staying behind as
-    failed, so no request is silently dropped.
+    failed, so no request is silently dropped (with Retry-After); PoolSaturated (429, Retry-After) when
+    every live allowed pool is running and queueing all it may (citadel.jobs.admission).
     """
     model = model_get(name=model_name)
     deployments = list(deployments_active_for_model(model=model))
@@ -52,7 +46,7 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
     allowed = {pool.pk for pool in decision.pools}
     candidates = sorted((d for d in deployments if d.pool_id in allowed), key=lambda d: d.pool_id != decision.pool.pk) \
         if decision.allowed else []
-    deployment = _deployment_with_live_worker(candidates)
+    deployment = deployment_admit(candidates=candidates)  # 429 when every live allowed pool is saturated
     request_id = getattr(request, "request_id", "")
     days = decision.policy.retention_days if decision.policy else None
     with transaction.atomic():
@@ -80,7 +74,9 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
             # Only a committed job is handed to the broker, so a worker always finds its row.
             transaction.on_commit(lambda: _publish(job))
     if deployment is None:
-        raise ServiceUnavailable(job.error_message, code="no_worker")
+        error = ServiceUnavailable(job.error_message, code="no_worker")
+        error.retry_after = no_worker_retry_after() if candidates else None
+        raise error
     return job
 
 
