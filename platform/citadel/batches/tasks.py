@@ -107,7 +107,8 @@ def _feed(llm, batch: Batch, worker: str, stop: threading.Event, *, thread: bool
             connection.close()
 
 
-@shared_task(name="citadel.batches.run_batch", bind=True, acks_late=True, soft_time_limit=23 * 3600,
+@shared_task(name="citadel.batches.run_batch", bind=True, acks_late=True, reject_on_worker_lost=True,
+             soft_time_limit=23 * 3600,
              time_limit=24 * 3600, ignore_result=True, max_retries=0)
 def run_batch(self, batch_id: str) -> None:
     worker = self.request.hostname or "worker"

@@ -20,6 +20,8 @@ from django.conf import settings
 from citadel.audit.services import Actor
 from citadel.finetuning import services
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
+from citadel.jobs.leases import keeper, lease_acquire, lease_release
+from citadel.jobs.models import JobLease
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class _Progress:
         self.deadline = time.monotonic() + settings.CITADEL_FINETUNE_TIME_LIMIT_SECONDS
         self.step, self.stop_reason = job.step, None
         self._checked = 0.0
+        self.lease = None  # citadel.jobs.leases.Held, renewed while training; lost when taken back
 
     def on_event(self, event: dict) -> None:
         if event.get("step") is not None:
@@ -64,6 +67,9 @@ class _Progress:
 
     def should_stop(self) -> bool:
         if self.stop_reason:
+            return True
+        if self.lease is not None and self.lease.lost.is_set():
+            self.stop_reason = "not_ours"
             return True
         if _shutting_down.is_set():
             self.stop_reason = "shutdown"
@@ -92,7 +98,8 @@ def _train(job, progress: _Progress):
                  device=settings.CITADEL_FINETUNE_DEVICE)
 
 
-@shared_task(name="citadel.finetuning.run_job", bind=True, acks_late=True, soft_time_limit=SOFT_TIME_LIMIT,
+@shared_task(name="citadel.finetuning.run_job", bind=True, acks_late=True, reject_on_worker_lost=True,
+             soft_time_limit=SOFT_TIME_LIMIT,
              time_limit=TIME_LIMIT, max_retries=0, ignore_result=True)
 def run_job(self, job_id: str) -> None:
     if not _slots.acquire(timeout=SLOT_WAIT_SECONDS):
@@ -115,6 +122,11 @@ def _run(job_id: str, *, worker: str) -> None:
         logger.info("fine-tuning job %s is not queued any more; nothing to do", job_id)
         return
     progress = _Progress(job, worker)
+    try:  # the lease (citadel.jobs.leases): beat's reconciler takes the job back if it stops being renewed
+        lease_acquire(kind=JobLease.Kind.FINE_TUNING, job_id=job.pk, worker_name=worker, attempt=job.attempts)
+        progress.lease = keeper.hold(kind=JobLease.Kind.FINE_TUNING, job_id=job.pk, attempt=job.attempts)
+    except Exception:  # no lease yet: the reconciler treats a lease-less job like an expired one
+        logger.exception("could not take the lease on fine-tuning job %s", job_id)
     try:
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
         result = _train(job, progress)
@@ -134,6 +146,13 @@ def _run(job_id: str, *, worker: str) -> None:
         code = "invalid_config" if type(error).__name__ == "ConfigError" else "training_error"
         services.job_fail(job_id=job_id, code=code, message=f"{type(error).__name__}: {error}", actor=actor,
                           param=getattr(error, "field", "") if code == "invalid_config" else "")
+    finally:
+        if progress.lease is not None:
+            keeper.drop(progress.lease)
+            try:
+                lease_release(kind=JobLease.Kind.FINE_TUNING, job_id=job.pk, attempt=job.attempts)
+            except Exception:  # left behind, it expires; the reconciler checks the job's state first
+                logger.exception("could not release the lease on fine-tuning job %s", job_id)
 
 
 @shared_task(name="citadel.finetuning.recover", soft_time_limit=60, time_limit=90, ignore_result=True)

@@ -96,3 +96,31 @@ class InferenceChunk(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id}#{self.index}"
+
+
+class JobLease(models.Model):
+    """A running job's claim by one worker, renewed while it runs (citadel.jobs.leases).
+
+    One row per job of any kind (inference, fine-tuning, batch), so the apps' own tables stay as they
+    are and one UPDATE renews every lease a worker process holds. `attempt` is the fencing token:
+    the job's attempt number when this worker claimed it; a worker whose attempt is no longer the
+    lease's has lost the job and must not record anything for it.
+    """
+
+    class Kind(models.TextChoices):
+        INFERENCE = "inference"
+        FINE_TUNING = "fine_tuning"
+        BATCH = "batch"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    job_id = models.CharField(max_length=64)
+    worker_name = models.CharField(max_length=200)
+    attempt = models.PositiveIntegerField(default=1)
+    acquired_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "job_id"], name="one_lease_per_job")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.job_id} held by {self.worker_name} until {self.expires_at:%H:%M:%S}"

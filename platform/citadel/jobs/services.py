@@ -14,7 +14,8 @@ from django.utils import timezone
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import CitadelError, ServiceUnavailable
 from citadel.jobs.admission import deployment_admit, no_worker_retry_after
-from citadel.jobs.models import InferenceChunk, InferenceJob
+from citadel.jobs.leases import lease_acquire, lease_release
+from citadel.jobs.models import InferenceChunk, InferenceJob, JobLease
 from citadel.registry.selectors import deployments_active_for_model, model_get
 from citadel.residency.prompts import retained_payload
 from citadel.residency.services import ResidencyDenied, Subject, decide
@@ -125,6 +126,7 @@ def _fail(job: InferenceJob, *, code: str, message: str) -> None:
     job.finished_at = timezone.now()
     job.payload = retained_payload(job.payload, job.prompt_retention)  # the job is over: keep what the policy keeps
     job.save(update_fields=["status", "error_code", "error_message", "finished_at", "payload"])
+    lease_release(kind=JobLease.Kind.INFERENCE, job_id=job.pk)
 
 
 @transaction.atomic
@@ -138,6 +140,7 @@ def job_claim(*, job_id: str, worker_name: str) -> InferenceJob | None:
     job.status, job.worker_name, job.started_at = InferenceJob.Status.RUNNING, worker_name, timezone.now()
     job.attempts += 1
     job.save(update_fields=["status", "worker_name", "started_at", "attempts"])
+    lease_acquire(kind=JobLease.Kind.INFERENCE, job_id=job.pk, worker_name=worker_name, attempt=job.attempts)
     return job
 
 
@@ -165,8 +168,13 @@ def job_append_chunk(*, job: InferenceJob, index: int, text: str, logprobs: list
 
 @transaction.atomic
 def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_tokens: int,
-                completion_tokens: int, logprobs: list[dict] | None = None) -> None:
-    updated = InferenceJob.objects.filter(pk=job.pk, status=InferenceJob.Status.RUNNING).update(
+                completion_tokens: int, logprobs: list[dict] | None = None, attempt: int | None = None) -> None:
+    """Record the outcome, usage and audit completion once. A worker passes its `attempt` (the
+    fencing token): a worker whose job was taken back and run again then records nothing."""
+    running = InferenceJob.objects.filter(pk=job.pk, status=InferenceJob.Status.RUNNING)
+    if attempt is not None:
+        running = running.filter(attempts=attempt)
+    updated = running.update(
         status=InferenceJob.Status.SUCCEEDED, text=storable(text), finish_reason=finish_reason,
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, logprobs=storable(logprobs),
         finished_at=timezone.now(),
@@ -174,6 +182,8 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
     )
     if updated:
         from citadel.usage.services import usage_record  # metered with the outcome, in its transaction
+
+        lease_release(kind=JobLease.Kind.INFERENCE, job_id=job.pk)
 
         usage_record(kind="inference", source=f"job:{job.pk.hex}", api_key_id=job.api_key_id, team_id=job.team_id,
                      user_id=job.user_id, model_name=job.model.name, prompt_tokens=prompt_tokens,
@@ -186,10 +196,13 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
 
 
 @transaction.atomic
-def job_fail(*, job_id, code: str, message: str, actor: Actor) -> bool:
-    """Fail a job that is not finished yet; False when it already was."""
+def job_fail(*, job_id, code: str, message: str, actor: Actor, attempt: int | None = None) -> bool:
+    """Fail a job that is not finished yet; False when it already was. A worker passes its `attempt`:
+    if the job was taken back from it meanwhile (and queued or run again), it is left alone."""
     job = InferenceJob.objects.select_for_update(of=("self",)).select_related("model").filter(pk=job_id).first()
     if job is None or job.is_terminal:
+        return False
+    if attempt is not None and (job.attempts != attempt or job.status != InferenceJob.Status.RUNNING):
         return False
     _fail(job, code=code, message=message)
     audit_record(actor=actor, action=f"inference.{job.kind}.complete", outcome="failure", target_type="model",
@@ -197,6 +210,47 @@ def job_fail(*, job_id, code: str, message: str, actor: Actor) -> bool:
                  details={"job": str(job.id), "error_code": code, "error": message[:1000],
                           "data_class": _data_class_name(job)})
     return True
+
+
+@transaction.atomic
+def job_requeue_or_fail(*, job_id, attempt: int, why: str, max_attempts: int) -> str | None:
+    """Take a running job back from a worker whose lease expired (citadel.jobs.reconcile).
+
+    Sent to its pool again when nothing of it reached the client yet (not streamed, or no chunk
+    written) and it has run fewer than `max_attempts` times: the chunks of the lost attempt are
+    dropped and the next worker starts over. Otherwise failed as worker_lost with `why`. Returns
+    "requeued", "failed", or None when the job is not that attempt's any more.
+    """
+    job = (InferenceJob.objects.select_for_update(of=("self",)).select_related("model", "pool")
+           .filter(pk=job_id, status=InferenceJob.Status.RUNNING, attempts=attempt).first())
+    if job is None:
+        return None
+    actor = Actor.system("reconciler")
+    streamed = job.stream and job.chunks.exists()
+    if streamed or job.attempts >= max_attempts or job.pool_id is None:
+        reason = ("part of its output was already streamed to the client" if streamed
+                  else f"it has been tried {job.attempts} times (CITADEL_JOB_MAX_ATTEMPTS={max_attempts})")
+        job_fail(job_id=job.pk, code="worker_lost", actor=actor,
+                 message=f"{why} The job was not run again: {reason}. Retry the request.")
+        return "failed"
+    job.chunks.all().delete()
+    lost_worker = job.worker_name
+    job.status, job.worker_name, job.started_at = InferenceJob.Status.QUEUED, "", None
+    job.save(update_fields=["status", "worker_name", "started_at"])
+    lease_release(kind=JobLease.Kind.INFERENCE, job_id=job.pk)
+    audit_record(actor=actor, action=f"inference.{job.kind}.requeue", outcome="success", target_type="model",
+                 target_id=job.model.name, request_id=job.request_id,
+                 details={"job": str(job.pk), "reason": why, "worker": lost_worker, "attempts": job.attempts,
+                          "pool": job.pool.name, "data_class": _data_class_name(job)})
+    transaction.on_commit(lambda: _publish_quietly(job))
+    return "requeued"
+
+
+def _publish_quietly(job: InferenceJob) -> None:
+    try:
+        _publish(job)
+    except ServiceUnavailable:
+        pass  # the job failed with the broker's error, which its client reads
 
 
 def _data_class_name(job: InferenceJob) -> str | None:

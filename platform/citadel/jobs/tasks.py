@@ -1,4 +1,11 @@
-"""The inference task a pool's workers run. It receives a job id only; the row holds the rest."""
+"""The inference task a pool's workers run, and beat's reconciler. The task receives a job id only;
+the row holds the rest.
+
+run_inference is idempotent: job_claim locks the row and runs only a queued job, so a redelivered
+message (acks_late) finds the job running under a live lease, or finished, and is acknowledged
+without running anything. While the job runs, the worker renews its lease (citadel.jobs.leases);
+if the lease is taken back (the worker was thought dead), it stops and records nothing.
+"""
 
 import logging
 import time
@@ -6,12 +13,15 @@ from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from django.db import DatabaseError
 
 from citadel.audit.services import Actor
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
 from citadel.jobs.engines import engines
+from citadel.jobs.leases import keeper
 from citadel.jobs.logprobs import TokenTexts, event_entries
-from citadel.jobs.models import InferenceJob
+from citadel.jobs.models import InferenceJob, JobLease
+from citadel.jobs.reconcile import jobs_reconcile
 from citadel.jobs.services import (
     job_append_chunk,
     job_claim,
@@ -52,6 +62,10 @@ class _InvalidParams(Exception):
     pass
 
 
+class _LeaseLost(Exception):
+    """The reconciler took the job back from this worker; another attempt owns it now."""
+
+
 class _Output:
     """A job's output as it is generated, written as chunk rows a few tokens at a time.
 
@@ -59,8 +73,8 @@ class _Output:
     of a chunk's tokens with the chunk when the job is streamed.
     """
 
-    def __init__(self, job: InferenceJob, *, texts: TokenTexts | None, top: int | None):
-        self.job, self.texts, self.top = job, texts, top
+    def __init__(self, job: InferenceJob, *, texts: TokenTexts | None, top: int | None, lease=None):
+        self.job, self.texts, self.top, self.lease = job, texts, top, lease
         self.pieces: list[str] = []
         self.logprobs: list[dict] | None = [] if texts is not None else None
         self.pending: list[str] = []
@@ -72,6 +86,8 @@ class _Output:
         return "".join(self.pieces)
 
     def add(self, event) -> None:
+        if self.lease is not None and self.lease.lost.is_set():
+            raise _LeaseLost()
         if event.text:
             self.pending.append(event.text)
         if self.texts is not None:
@@ -93,39 +109,63 @@ class _Output:
         self.pending, self.pending_logprobs, self.last_flush = [], [], time.monotonic()
 
 
-@shared_task(name="citadel.jobs.run_inference", bind=True, acks_late=True, soft_time_limit=900, time_limit=960,
-             ignore_result=True)
+@shared_task(name="citadel.jobs.run_inference", bind=True, acks_late=True, reject_on_worker_lost=True,
+             soft_time_limit=900, time_limit=960, max_retries=5, ignore_result=True)
 def run_inference(self, job_id: str) -> None:
     worker = self.request.hostname or "worker"
     actor = Actor.system(worker)
     try:
         job = job_claim(job_id=job_id, worker_name=worker)
-    except Exception as error:  # e.g. the database is unreachable: fail the job if we still can
+    except DatabaseError as error:  # the database is restarting: try again shortly, the job waits queued
+        logger.warning("could not claim job %s (%s); retrying", job_id, error)
+        raise self.retry(countdown=min(30, 2 ** self.request.retries), exc=error) from error
+    except Exception as error:
         logger.exception("could not claim job %s", job_id)
         job_fail(job_id=job_id, code="worker_error", message=f"The worker could not start the job: {error}",
                  actor=actor)
         return
     if job is None:
-        logger.info("job %s is not queued any more; nothing to do", job_id)
+        logger.info("job %s is not queued any more (running under a lease, or done); nothing to do", job_id)
         return
+    lease = keeper.hold(kind=JobLease.Kind.INFERENCE, job_id=job.pk, attempt=job.attempts)
+    try:
+        _run(job, actor=actor, lease=lease)
+    finally:
+        keeper.drop(lease)
+
+
+def _run(job: InferenceJob, *, actor: Actor, lease) -> None:
+    job_id, attempt = job.pk, job.attempts
     try:
         llm = engines.get(path=job.model.path, engine_settings=job.deployment.engine_settings)
         top = job.payload.get("sampling", {}).get("logprobs")
-        output = _Output(job, texts=engines.token_texts(path=job.model.path) if top is not None else None, top=top)
+        output = _Output(job, texts=engines.token_texts(path=job.model.path) if top is not None else None, top=top,
+                         lease=lease)
         event = None
         for event in timed_events(_events(llm, job), model=job.model.name):  # TTFT and inter-token latency
             output.add(event)
         output.flush()
         job_succeed(job=job, text=output.text, finish_reason=(event.finish_reason if event else None) or "stop",
                     prompt_tokens=event.prompt_tokens if event else 0,
-                    completion_tokens=event.completion_tokens if event else 0, logprobs=output.logprobs)
+                    completion_tokens=event.completion_tokens if event else 0, logprobs=output.logprobs,
+                    attempt=attempt)
+    except _LeaseLost:
+        logger.warning("job %s was taken back from this worker (attempt %s); stopped", job_id, attempt)
     except _InvalidParams as error:
-        job_fail(job_id=job_id, code="invalid_sampling_params", message=str(error), actor=actor)
+        job_fail(job_id=job_id, code="invalid_sampling_params", message=str(error), actor=actor, attempt=attempt)
     except SoftTimeLimitExceeded:
-        job_fail(job_id=job_id, code="timeout", message="The job ran past the worker's time limit.", actor=actor)
+        job_fail(job_id=job_id, code="timeout", message="The job ran past the worker's time limit.", actor=actor,
+                 attempt=attempt)
     except Exception as error:  # the engine failed: the client gets an error, the worker lives on
         logger.exception("job %s failed", job_id)
-        job_fail(job_id=job_id, code="engine_error", message=f"{type(error).__name__}: {error}", actor=actor)
+        job_fail(job_id=job_id, code="engine_error", message=f"{type(error).__name__}: {error}", actor=actor,
+                 attempt=attempt)
+
+
+@shared_task(name="citadel.jobs.reconcile", soft_time_limit=120, time_limit=150, ignore_result=True)
+def reconcile() -> dict:
+    """Beat: jobs of dead workers (expired leases) re-enqueued or failed; lost messages sent again."""
+    return jobs_reconcile()
 
 
 @shared_task(name="citadel.jobs.redispatch_queued", soft_time_limit=60, time_limit=90, ignore_result=True)

@@ -1,6 +1,9 @@
-"""A worker announces itself: heartbeats into the Worker table, models loaded ahead of the first request.
+"""A worker announces itself: heartbeats into the Worker table, models loaded ahead of the first request,
+and the renewal of the leases on the jobs it runs (citadel.jobs.leases).
 
-Runs only inside `citadel worker` (it reads the pool from CITADEL_WORKER_POOL, set by that command).
+Heartbeat and preload run only inside `citadel worker` (it reads the pool from CITADEL_WORKER_POOL,
+set by that command); lease renewal runs in any Celery worker of this app, since any of them may
+run a job.
 """
 
 import logging
@@ -50,6 +53,9 @@ def _preload(pool: str) -> None:
 
 @worker_ready.connect
 def _on_ready(sender, **kwargs):
+    from citadel.jobs.leases import keeper
+
+    keeper.start()
     pool = os.environ.get("CITADEL_WORKER_POOL")
     if not pool:
         return

@@ -26,22 +26,49 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 elif CELERY_BROKER_URL.startswith("redis"):
     # Longer than the longest task, so an unacknowledged job is not handed out twice while
     # it still runs; a redelivery after a crash is harmless because tasks are idempotent.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3 * 3600}
+    # A message redelivered after this is harmless (the job's lease is live, or the job is done:
+    # see citadel.jobs.leases); CITADEL_BROKER_VISIBILITY_SECONDS shortens it for the fault tests.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CITADEL_BROKER_VISIBILITY_SECONDS",
+                                                                     default=3 * 3600)}
 
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = False
+# A task whose worker process dies goes back to the queue (prefork pools; with `citadel worker`'s
+# thread pool the whole process dies and the unacknowledged message is redelivered anyway).
+# Safe because every task is idempotent: it locks its row and does only what is missing.
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Retried for ever with backoff, so workers consume again after the broker restarts.
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+
+# Leases on running jobs (citadel.jobs.leases, RELIABILITY.md): a dead worker's job is found by the
+# reconciler within CITADEL_JOB_LEASE_SECONDS + CITADEL_RECONCILE_SECONDS and re-enqueued, or failed
+# once it has been tried CITADEL_JOB_MAX_ATTEMPTS times.
+CITADEL_JOB_LEASE_SECONDS = env.float("CITADEL_JOB_LEASE_SECONDS", default=60.0)
+CITADEL_JOB_LEASE_RENEW_SECONDS = env.float("CITADEL_JOB_LEASE_RENEW_SECONDS",
+                                            default=max(0.5, CITADEL_JOB_LEASE_SECONDS / 6))
+CITADEL_JOB_MAX_ATTEMPTS = env.int("CITADEL_JOB_MAX_ATTEMPTS", default=3)
+CITADEL_RECONCILE_SECONDS = env.float("CITADEL_RECONCILE_SECONDS", default=15.0)
 CELERY_TASK_DEFAULT_QUEUE = "control"
+# Every task's queue, named: housekeeping on `control`; the work itself on the pool queue that
+# the publisher names (citadel.celery.pool_queue), which no route overrides.
+CELERY_TASK_ROUTES = {
+    "citadel.jobs.reconcile": {"queue": "control"}, "citadel.jobs.redispatch_queued": {"queue": "control"},
+    "citadel.jobs.prompts_purge": {"queue": "control"}, "citadel.finetuning.recover": {"queue": "control"},
+    "citadel.batches.recover": {"queue": "control"}, "citadel.registry.workers_mark_stale": {"queue": "control"},
+    "citadel.usage.*": {"queue": "control"}, "citadel.audit.*": {"queue": "control"},
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE_FILENAME = str(_data_dir / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "workers-mark-stale": {"task": "citadel.registry.workers_mark_stale", "schedule": 15.0},
-    "jobs-redispatch-queued": {"task": "citadel.jobs.redispatch_queued", "schedule": 30.0},
+    # Expired leases (dead workers) re-enqueued or failed; queued jobs whose message was lost sent again
+    # (what citadel.jobs.redispatch_queued did alone before).
+    "jobs-reconcile": {"task": "citadel.jobs.reconcile", "schedule": CITADEL_RECONCILE_SECONDS},
     # Fine-tuning jobs whose worker died go back to the queue (resume from checkpoint) or fail.
     "finetuning-recover": {"task": "citadel.finetuning.recover", "schedule": 15.0},
     # Batches: lines of dead workers back to pending, lost messages sent again, expiry; usage of ended

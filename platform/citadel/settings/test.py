@@ -38,3 +38,5 @@ STATIC_ROOT = None  # the tests serve static files from the apps (WHITENOISE_USE
 # In-process transport: unit tests that dispatch need no broker; e2e processes get Redis via the env.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
+if CELERY_BROKER_URL.startswith("redis") and "CITADEL_BROKER_VISIBILITY_SECONDS" in os.environ:  # tests/chaos
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CITADEL_BROKER_VISIBILITY_SECONDS")}
