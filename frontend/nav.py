@@ -36,7 +36,7 @@ MENU = (
     Entry("Playground", "frontend:playground", perms.USE_ROLES),
     Entry("Fine-tuning", "frontend:finetuning"),
     Entry("Residency", "frontend:residency"),
-    Entry("Policies", "frontend:residency-policies", perms.OVERSIGHT_ROLES),
+    Entry("Policies", "frontend:residency-admin", perms.OVERSIGHT_ROLES),
     Entry("Audit", "frontend:audit", perms.OVERSIGHT_ROLES),
     Entry("Usage", "frontend:usage"),
     Entry("Teams", "frontend:teams"),

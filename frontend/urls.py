@@ -1,8 +1,8 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import (views, views_account, views_admin_identity, views_audit, views_finetuning, views_people,
-                      views_residency, views_usage)
+from frontend import (views, views_account, views_admin_identity, views_audit, views_finetuning, views_models,
+                      views_people, views_residency, views_usage)
 
 app_name = "frontend"
 
@@ -22,9 +22,16 @@ urlpatterns = [
     path("identity/sso-groups/", views_admin_identity.sso_mappings_page, name="identity-sso-mappings"),
     path("identity/login-locks/", views_admin_identity.login_locks_page, name="identity-login-locks"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("models/", views.models_page, name="models"),
+    path("models/", views_models.models_page, name="models"),
+    path("models/imports/new/", views_models.model_import, name="model-import-start"),
+    path("models/imports/<int:pk>/", views_models.model_import_page, name="model-import"),
+    path("models/<str:name>/", views_models.model_page, name="model"),
+    path("models/<str:name>/deploy/", views_models.model_deploy, name="model-deploy"),
+    path("deployments/<int:pk>/undeploy/", views_models.deployment_undeploy, name="deployment-undeploy"),
+    path("deployments/<int:pk>/live/", views_models.deployment_live, name="deployment-live"),
     path("playground/", views.playground, name="playground"),
     path("playground/stream", views.PlaygroundStreamApi.as_view(), name="playground-stream"),
+    path("playground/jobs/<uuid:job_id>/", views.playground_job, name="playground-job"),
     path("residency/", views.residency_dry_run, name="residency"),
     path("fine-tuning/", views_finetuning.jobs_page, name="finetuning"),
     path("fine-tuning/datasets/", views_finetuning.datasets_page, name="finetuning-datasets"),

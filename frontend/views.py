@@ -2,11 +2,14 @@
 authenticated by the console session (with CSRF) instead of an API key."""
 
 from django.contrib.auth.decorators import login_required
+from django.http import Http404
 from django.shortcuts import redirect, render
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.views import APIView
 
+from citadel.accounts.permissions import USE_ROLES, role_required
 from citadel.core.exceptions import CitadelError
+from citadel.finetuning.selectors import fine_tuned_model_usable
 from citadel.gateway.apis import inference_request
 from citadel.gateway.serializers import ChatCompletionInput
 from citadel.jobs.models import InferenceJob
@@ -31,11 +34,32 @@ def models_page(request):
     return render(request, "frontend/models.html", {"rows": rows})
 
 
-@login_required
+@role_required(USE_ROLES)
 def playground(request):
+    """Chat with a deployed model or with a fine-tuned adapter the user may use (their teams'), with
+    the sampling settings; after each answer the page shows where it ran and under which policy."""
     # ?model= preselects a model, e.g. from a fine-tuning job's page once its adapter is served.
-    return render(request, "frontend/playground.html", {"models": models_deployed(),
+    deployed = list(models_deployed().select_related("base"))
+    bases = [model for model in deployed if model.base_id is None]
+    adapters = [model for model in deployed
+                if model.base_id is not None and fine_tuned_model_usable(request=request, name=model.name)]
+    return render(request, "frontend/playground.html", {"bases": bases, "adapters": adapters,
                                                         "selected": request.GET.get("model", "")})
+
+
+@role_required(USE_ROLES)
+def playground_job(request, job_id):
+    """Where one of the user's playground requests ran: the job row (pool, site, worker, data class,
+    prompt retention) and the residency decision its dispatch recorded in the audit log."""
+    from citadel.audit.models import AuditRecord
+
+    job = InferenceJob.objects.select_related("model", "pool", "site", "data_class", "team").filter(
+        pk=job_id, user=request.user).first()
+    if job is None:
+        raise Http404("No such request of yours.")
+    record = AuditRecord.objects.filter(details__job=str(job.pk)).order_by("sequence").first()
+    decision = (record.details or {}).get("residency", {}) if record else {}
+    return render(request, "frontend/_playground_job.html", {"job": job, "decision": decision, "record": record})
 
 
 class PlaygroundStreamApi(APIView):

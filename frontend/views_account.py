@@ -221,3 +221,48 @@ def _team_quota_post(request, team) -> str | None:
     except CitadelError as exc:
         return exc.message
     return None
+
+
+@login_required
+def account_password(request):
+    """Change one's own password (the current one first; Django's validators); the user's other
+    sessions end, since whoever knew the old password may hold one. Audited."""
+    from django.contrib.auth.forms import PasswordChangeForm
+
+    from frontend.session_info import sessions_end_others
+
+    done = None
+    form = PasswordChangeForm(request.user, request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        auth.update_session_auth_hash(request, form.user)  # this session stays signed in
+        ended = sessions_end_others(request.user, request.session.session_key)
+        audit_record(actor=Actor.for_user(request.user), action="user.password_change", outcome="success",
+                     target_type="user", target_id=request.user.get_username(), request=request,
+                     details={"other_sessions_ended": ended})
+        done = f"Password changed; {ended} other session(s) ended."
+        form = PasswordChangeForm(request.user)
+    status = 400 if request.method == "POST" and done is None else 200
+    return render(request, "frontend/account_password.html", {"form": form, "done": done}, status=status)
+
+
+@login_required
+def account_sessions(request):
+    """The user's active console sessions (when and from where they signed in); revoke any of them."""
+    from frontend.session_info import session_revoke, sessions_of
+
+    done = error = None
+    if request.method == "POST":
+        public_id = request.POST.get("session", "")
+        if session_revoke(request.user, public_id):
+            audit_record(actor=Actor.for_user(request.user), action="user.session_revoke", outcome="success",
+                         target_type="user", target_id=request.user.get_username(), request=request,
+                         details={"session": public_id})
+            if not request.user.is_authenticated or not request.session.exists(request.session.session_key):
+                return redirect("frontend:login")  # they ended the session they were using
+            done = "Session ended."
+        else:
+            error = "No such session of yours is active: it may have ended already. Reload the list."
+    return render(request, "frontend/account_sessions.html",
+                  {"sessions": sessions_of(request.user, request.session.session_key), "done": done,
+                   "error": error}, status=404 if error else 200)

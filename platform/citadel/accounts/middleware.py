@@ -33,7 +33,8 @@ class AuditorReadOnlyMiddleware:
     only an auditor is refused (403), whatever page it targets, except signing in and out. The API
     refuses them the same way (RoleAccess); this covers console views, present and future."""
 
-    EXEMPT = ("/login/", "/logout/", "/account/totp/", "/sso/", "/api/v1/me/totp/")
+    EXEMPT = ("/login/", "/logout/", "/account/totp/", "/account/password/", "/account/sessions/", "/sso/",
+              "/api/v1/me/totp/")  # their own password and sessions are auditors' business too
 
     def __init__(self, get_response):
         self.get_response = get_response
