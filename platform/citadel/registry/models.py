@@ -1,5 +1,6 @@
 """What can run where: models, worker pools (one Celery queue each), deployments, workers."""
 
+from django.conf import settings
 from django.db import models
 
 from citadel.celery import pool_queue
@@ -108,3 +109,53 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ModelImport(models.Model):
+    """Importing a checkpoint folder from a worker host: a task on the pool's queue reads the folder
+    there, hashes every file the engine loads (progress in `bytes_done`), compares the hashes with
+    the expected ones when given, and registers the model with that manifest (citadel.registry.imports)."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        VERIFYING = "verifying"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED)
+
+    name = models.SlugField(max_length=200, help_text="The model's name once registered.")
+    path = models.CharField(max_length=500, help_text="Checkpoint folder on the pool's worker hosts.")
+    pool = models.ForeignKey(WorkerPool, on_delete=models.PROTECT, related_name="imports",
+                             help_text="Whose worker reads the folder (its queue).")
+    description = models.TextField(blank=True)
+    expected = models.JSONField(default=dict, blank=True,
+                                help_text="{file name: SHA-256} the files must match (from the form or SHA256SUMS).")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    files_total = models.PositiveIntegerField(default=0)
+    files_done = models.PositiveIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    current_file = models.CharField(max_length=300, blank=True)
+    manifest = models.JSONField(default=dict, blank=True, help_text="{file name: SHA-256} as computed.")
+    error = models.TextField(blank=True)
+    model = models.ForeignKey(Model, on_delete=models.SET_NULL, null=True, blank=True, related_name="imports")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                   related_name="model_imports")
+    worker_name = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"import of {self.name} from {self.path}"
+
+    @property
+    def percent(self) -> int:
+        if self.status == self.Status.SUCCEEDED:
+            return 100
+        return int(100 * self.bytes_done / self.bytes_total) if self.bytes_total else 0

@@ -15,6 +15,7 @@ from django.utils.text import slugify
 
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import Conflict, InvalidRequest
+from citadel.registry.engine_settings import engine_settings_check
 from citadel.registry.manifest import ModelFileRejected, manifest_build, manifest_check
 from citadel.registry.models import Deployment, Model, Worker, WorkerPool
 from citadel.residency.models import Site
@@ -33,7 +34,8 @@ def _checkpoint_family(path: Path) -> str:
 
 
 @transaction.atomic
-def model_register(*, name: str, path: str, actor: Actor, description: str = "", request=None) -> Model:
+def model_register(*, name: str, path: str, actor: Actor, description: str = "", request=None,
+                   manifest: dict[str, str] | None = None) -> Model:
     """Register a checkpoint folder. The path is checked when this host can see it; worker hosts
     that cannot load it fail the job with a clear error instead."""
     if not name or slugify(name) != name:
@@ -45,7 +47,9 @@ def model_register(*, name: str, path: str, actor: Actor, description: str = "",
         raise InvalidRequest(f"path {path!r} must be absolute: workers resolve it on their own hosts.", param="path")
     family = _checkpoint_family(folder) if folder.exists() else ""
     # Pickle is refused and the files' SHA-256 recorded here; a worker checks them before loading.
-    manifest = manifest_build(folder) if folder.exists() else {}
+    # `manifest`: one just built on this host by an import task (citadel.registry.imports), not hashed twice.
+    if manifest is None:
+        manifest = manifest_build(folder) if folder.exists() else {}
     model = Model.objects.create(name=name, path=str(folder), family=family, description=description,
                                  manifest=manifest)
     audit_record(actor=actor, action="model.register", outcome="success", target_type="model",
@@ -112,6 +116,7 @@ def pool_create(*, name: str, site: str | Site, actor: Actor, description: str =
 
 def deployment_create(*, model: Model, pool: WorkerPool, actor: Actor, engine_settings: dict | None = None,
                       request=None) -> Deployment:
+    engine_settings = engine_settings_check(engine_settings)  # refused here, not when a worker loads
     if model.base_id:
         raise InvalidRequest(f"'{model.name}' is a fine-tuned variant: it runs wherever its base model "
                              f"'{model.base.name}' is deployed. Deploy the base model instead.", param="model")

@@ -19,3 +19,15 @@ def workers_mark_stale() -> int:
     for name in stale:
         worker_offline(name=name, reason="heartbeat stopped")
     return len(stale)
+
+
+@shared_task(name="citadel.registry.model_import", bind=True, acks_late=True, soft_time_limit=6 * 3600,
+             time_limit=6 * 3600 + 60, max_retries=0, ignore_result=True)
+def model_import(self, import_id: int) -> None:
+    """Read, hash and register a model folder on this worker host (citadel.registry.imports); sent to
+    the chosen pool's queue. Idempotent: a finished import is left alone."""
+    import socket
+
+    from citadel.registry.imports import model_import_run
+
+    model_import_run(import_id=import_id, worker_name=self.request.hostname or socket.gethostname())
