@@ -27,6 +27,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .engine import EngineConfig, EngineLoop, LLMEngine
+from .engine.expert_store import ExpertTierSettings
 from .engine.loop import EngineFailure
 from .engine.sequence import Sequence
 from .loader import check_checkpoint_folder, load_tokenizer, resolve_device, resolve_dtype
@@ -55,7 +56,8 @@ class LLM:
             from the operating system.
         **engine_settings: scheduling and cache settings of the runtime (EngineConfig:
             max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory, max_model_len,
-            max_loras).
+            max_loras; expert tiers: expert_cache_experts or expert_cache_bytes, expert_host_experts,
+            expert_prefetch).
     """
 
     def __init__(
@@ -273,7 +275,14 @@ class LLM:
 
 
 def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, generator, lock) -> LLMEngine:
-    native = registry.load_model(path, config, device, dtype, quantization=engine_config.quantization)
+    native = registry.load_model(
+        path,
+        config,
+        device,
+        dtype,
+        quantization=engine_config.quantization,
+        expert_tiers=ExpertTierSettings.from_config(engine_config),
+    )
     return LLMEngine(native, engine_config, device, eos_token_ids, generator, lock)
 
 

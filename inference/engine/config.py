@@ -29,6 +29,18 @@ class EngineConfig:
     that ship FP8 weights (DeepSeek's `weight_scale_inv` format) are served in FP8 either way."""
     max_loras: int = 8
     """Most LoRA adapters on the model's device at once (requests for others wait for a free place)."""
+    expert_cache_experts: int | None = None
+    """Expert tiers (engine/expert_store.py): routed experts per MoE layer kept on the model's device;
+    the others wait in host memory or in the checkpoint on disk. None (and no expert_cache_bytes):
+    every expert resident."""
+    expert_cache_bytes: int | None = None
+    """The same fast tier as a byte budget over all MoE layers (instead of expert_cache_experts): FP8
+    experts are half the bytes of bf16, so the same budget holds twice as many."""
+    expert_host_experts: int | None = None
+    """Routed experts per MoE layer kept in host memory (pinned on a GPU) behind the fast tier; the
+    rest are read from the memory-mapped checkpoint when needed. None: all of them (no disk reads)."""
+    expert_prefetch: bool = True
+    """Stage the next MoE layer's likely experts (its router run on the current layer's input)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras"):
@@ -41,3 +53,21 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self._check_expert_tiers()
+
+    def _check_expert_tiers(self) -> None:
+        for name in ("expert_cache_experts", "expert_cache_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        host = self.expert_host_experts
+        if host is not None and (not isinstance(host, int) or isinstance(host, bool) or host < 0):
+            raise ValueError(f"expert_host_experts must be an integer >= 0 or None (all), got {host!r}")
+        if not isinstance(self.expert_prefetch, bool):
+            raise ValueError(f"expert_prefetch must be true or false, got {self.expert_prefetch!r}")
+        if self.expert_cache_experts is not None and self.expert_cache_bytes is not None:
+            raise ValueError("expert_cache_experts and expert_cache_bytes both size the experts' fast tier: set one")
+        if host is not None and self.expert_cache_experts is None and self.expert_cache_bytes is None:
+            raise ValueError(
+                "expert_host_experts needs a fast tier: set expert_cache_experts or expert_cache_bytes too"
+            )

@@ -89,6 +89,9 @@ class EngineLoop:
             stats["kv_pages_total"] = self.engine.runner.block_manager.num_pages - 1
             stats["kv_pages_free"] = self.engine.runner.block_manager.num_free_pages
             stats.update(self.engine.lora.stats())
+            experts = getattr(self.engine.runner.model, "expert_store", None)
+            if experts is not None:
+                stats.update(experts.stats())
         return stats
 
     def close(self, wait: bool = True) -> None:

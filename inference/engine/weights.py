@@ -45,6 +45,7 @@ class CheckpointWeights:
                     )
                 self._where[name] = shard
         self._unused = set(self._where)
+        self._aside: set[str] = set()
 
     def _shards(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -67,7 +68,35 @@ class CheckpointWeights:
         return name in self._where
 
     def names(self) -> list[str]:
-        return sorted(self._where)
+        """Every tensor's name, except those set aside for another reader (set_aside)."""
+        return sorted(n for n in self._where if n not in self._aside)
+
+    def set_aside(self, names: list[str]) -> None:
+        """Leave `names` out of names() and of check_all_used: their reader (the expert store) reads them
+        itself with read(), when needed. CheckpointError when the checkpoint lacks one."""
+        for name in names:
+            self._check_has(name)
+        self._aside.update(names)
+        self._unused.difference_update(names)
+
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor `name`, or only its entry `index` along the first dimension, read from the mapped
+        shard now (nothing else of the file is read), as a tensor of its own."""
+        self._check_has(name)
+        handle = self._handles[self._where[name]]
+        try:
+            if index is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[index : index + 1][0]
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self._where[name]}: {error}") from error
+
+    def _check_has(self, name: str) -> None:
+        if name not in self._where:
+            raise CheckpointError(
+                f"the checkpoint in {self.folder} has no tensor {name!r}: it does not match its config.json "
+                "(or a shard is missing)"
+            )
 
     def dtype_name(self, name: str) -> str:
         """The stored dtype of `name` as safetensors writes it (e.g. "F8_E4M3"), without reading the tensor."""

@@ -72,3 +72,29 @@ def _grouped_mm_available(xs: torch.Tensor, w: torch.Tensor) -> bool:
         and hasattr(torch, "_grouped_mm")
         and torch.cuda.get_device_capability(xs.device) >= (9, 0)
     )
+
+
+def moe_dispatch_tiered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tier, input_ids=None) -> torch.Tensor:
+    """moe_dispatch over experts kept in tiers (inference/engine/expert_store.py TieredLayer `tier`).
+
+    The same assignments, order and per-expert operations as the loop of moe_dispatch (and of
+    DeepSeek-V4's MoE), so the result is the same: each expert with tokens is made resident by
+    the store and called as a module on its contiguous slice. Also starts the prefetch of the
+    next MoE layer's likely experts (its router run on this layer's input x).
+    """
+    top_k = ids.shape[1]
+    flat_ids = ids.flatten()  # [T * k]
+    order = flat_ids.argsort(stable=True)
+    token_of = order // top_k  # [T * k]
+    xs = x[token_of]  # [T * k, H]
+    hint = tier.predict_next(x, input_ids)  # queued before the sync below, read after it
+    counts = torch.bincount(flat_ids, minlength=tier.source.num_experts).tolist()
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    out = torch.empty_like(xs)
+    for expert, module in tier.experts([e for e, c in enumerate(counts) if c], hint):
+        rows = slice(starts[expert], starts[expert + 1])
+        out[rows] = module(xs[rows])
+    out = out * weights.flatten()[order][:, None]
+    return torch.zeros_like(x).index_add_(0, token_of, out)

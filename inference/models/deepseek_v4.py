@@ -33,7 +33,15 @@ from ..quant.fp8 import FP8_DTYPE
 from .deepseek_v4_attention import Attention
 from .deepseek_v4_batch import V4Batch
 from .deepseek_v4_cache import V4CacheLayout
-from .deepseek_v4_layers import HyperConnection, MoE, RMSNorm, RopeTable, Rotary, unweighted_rms_norm
+from .deepseek_v4_layers import (
+    HyperConnection,
+    MoE,
+    RMSNorm,
+    RopeTable,
+    Rotary,
+    expert_sources,
+    unweighted_rms_norm,
+)
 
 # transformers' save_pretrained names for the few top-level tensors -> DeepSeek's.
 _TOP_LEVEL_RENAMES = {
@@ -147,6 +155,7 @@ class CitadelDeepseekV4(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
         self.head = nn.Linear(D, config.vocab_size, bias=False)
         self.rotary: Rotary | None = None  # built on the real device by load_weights
+        self.expert_store = None  # an ExpertStore when the routed experts are tiered (engine/expert_store.py)
 
     @property
     def device(self) -> torch.device:
@@ -171,6 +180,8 @@ class CitadelDeepseekV4(nn.Module):
         batch = V4Batch.build(self.layout, positions, ctx)
         assert input_ids.shape == (batch.num_tokens,)
         x = self.embed(input_ids)  # [T, D]
+        if self.expert_store is not None:
+            self.expert_store.begin_step(x, input_ids)
         batch.rope = {
             kind: RopeTable(*self.rotary.cos_sin(positions, kind, x.dtype)) for kind in ("main", "compress")
         }
@@ -188,6 +199,11 @@ class CitadelDeepseekV4(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> float32 logits [N, vocab]."""
         return self.head(hidden).float()
+
+    def expert_sources(self, weights: CheckpointWeights, dtype: torch.dtype, quantization: str | None):
+        """Detach the routed experts for an expert store (deepseek_v4_layers.expert_sources)."""
+        stored = {canonical_name(n): n for n in weights.names() if canonical_name(n) is not None}
+        return expert_sources(self, stored, weights, dtype, quantization)
 
     def load_weights(self, weights: CheckpointWeights, device: torch.device | str, dtype: torch.dtype) -> None:
         """Fill every parameter and buffer from the checkpoint (this module was built on the meta device)."""

@@ -11,9 +11,16 @@ Shapes: T tokens in the step, D hidden size, hc streams, E routed experts, k exp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..engine.expert_store import ExpertSource
+from ..engine.weights import CheckpointError
+from ..layers.moe import moe_dispatch_tiered
+from ..quant.fp8 import FP8_DTYPE, Fp8Linear, quantize_blockwise
 
 
 class RMSNorm(nn.Module):
@@ -176,9 +183,12 @@ class MoE(nn.Module):
         self.gate = Gate(config, config.mlp_layer_types[layer_id] == "hash_moe")
         self.experts = nn.ModuleList(Expert(D, inter, limit) for _ in range(self.n_experts))
         self.shared_experts = Expert(D, inter, limit)
+        self.tier = None  # the layer's TieredLayer when the routed experts are tiered (self.experts is then empty)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)  # [T, k]
+        if self.tier is not None:  # experts in tiers (engine/expert_store.py): same order, same operations
+            return moe_dispatch_tiered(x, weights, ids, self.tier, input_ids) + self.shared_experts(x)
         k = ids.shape[1]
         flat = ids.flatten()  # [T*k]
         order = flat.argsort(stable=True)  # assignments grouped by expert
@@ -194,6 +204,72 @@ class MoE(nn.Module):
         ys = ys * weights.flatten()[order, None]
         routed = torch.zeros_like(x).index_add_(0, token, ys)
         return routed + self.shared_experts(x)
+
+
+def expert_sources(
+    model: nn.Module, stored: dict[str, str], weights, dtype: torch.dtype, quantization: str | None
+) -> list[ExpertSource]:
+    """Hand every layer's routed experts to an expert store: detach them (unloaded) and say how to read each.
+
+    `stored`: this model's tensor names -> the checkpoint's. Called on the meta-device model before
+    the weights load (after native FP8 layers became Fp8Linear). FP8 experts stay FP8 in every tier:
+    native ones as stored, others quantized when read if quantization is "fp8", exactly as
+    quantize_linears quantizes the all-resident experts.
+    """
+    sources = []
+    for index, block in enumerate(model.layers):
+        moe = block.ffn
+        template = moe.experts[0]
+        native_fp8 = isinstance(template.w1, Fp8Linear)
+        keys = [key for key, _ in template.named_parameters()]  # w1.weight (and w1.weight_scale_inv), ...
+        names = {}
+        for e in range(moe.n_experts):
+            wanted = {key: f"layers.{index}.ffn.experts.{e}.{key}" for key in keys}
+            missing = [name for name in wanted.values() if name not in stored]
+            if missing:
+                raise CheckpointError(f"the checkpoint lacks the routed expert tensor {missing[0]!r}")
+            names[e] = {key: stored[name] for key, name in wanted.items()}
+        weights.set_aside([name for tensors in names.values() for name in tensors.values()])
+        moe.experts = nn.ModuleList()
+        fp8 = native_fp8 or quantization == "fp8"
+        dims = (template.w1.in_features, template.w1.out_features, template.limit)
+        sources.append(
+            ExpertSource(
+                layer=index,
+                num_experts=moe.n_experts,
+                read=functools.partial(_read_expert, weights, names, dtype, quantization == "fp8"),
+                new_slot=functools.partial(_expert_slot, *dims, fp8, dtype),
+                predict=lambda x, input_ids, gate=moe.gate: gate(x, input_ids)[1],
+                moe=moe,
+            )
+        )
+    return sources
+
+
+def _read_expert(weights, names: dict, dtype: torch.dtype, quantize: bool, expert: int) -> dict:
+    """One expert's tensors in serving form (what fill_weights and quantize_linears make of them)."""
+    out = {}
+    for key, name in names[expert].items():
+        tensor = weights.read(name)
+        if tensor.dtype == FP8_DTYPE:  # native FP8: as stored
+            out[key] = tensor
+        elif key.endswith("weight_scale_inv"):
+            out[key] = tensor.float()
+        elif quantize:
+            out[key], out[f"{key}_scale_inv"] = quantize_blockwise(tensor.to(dtype))
+        else:
+            out[key] = tensor.to(dtype)
+    return out
+
+
+def _expert_slot(dim: int, inter: int, limit: float, fp8: bool, dtype: torch.dtype) -> Expert:
+    with torch.device("meta"):
+        expert = Expert(dim, inter, limit)
+        if fp8:
+            for name in ("w1", "w2", "w3"):
+                linear = getattr(expert, name)
+                setattr(expert, name, Fp8Linear(linear.in_features, linear.out_features, dtype))
+    return expert
 
 
 class HyperConnection(nn.Module):

@@ -8,13 +8,18 @@ a layer are kept stacked, as transformers 5 keeps them in memory ([E, 2I, H] gat
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine.cache import CacheGroup, CacheSpec
 from ..engine.context import ForwardContext
 from ..engine.weights import CheckpointWeights, assign_parameter
+from ..engine.expert_store import ExpertSource
 from ..layers import RMSNorm, RotaryEmbedding, act_fn, moe_dispatch, paged_attention, topk_softmax_router
+from ..layers.moe import moe_dispatch_tiered
 
 KV = "kv"
 
@@ -67,6 +72,22 @@ class Qwen3MoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, inner))  # [E, H, I]
 
 
+class Qwen3MoeExpert(nn.Module):
+    """One routed expert on its own: a fast-tier slot of the expert store (engine/expert_store.py)."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.moe_intermediate_size
+        self.gate_up = nn.Parameter(torch.empty(2 * inner, hidden))  # [2I, H]
+        self.down = nn.Parameter(torch.empty(hidden, inner))  # [H, I]
+        self.act = act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What moe_dispatch's per-expert loop computes, with this expert's weights."""
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down)
+
+
 class Qwen3MoeSparseMoeBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -74,9 +95,15 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         self.experts = Qwen3MoeExperts(config)
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.act = act_fn(config.hidden_act)
+        self.tier = None  # the layer's TieredLayer when the experts are tiered (self.experts is then None)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_softmax_router(self.gate(x), self.top_k, self.norm_topk_prob)  # [T, k] each
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        weights, ids = topk_softmax_router(self.gate(x), self.top_k, self.norm_topk_prob)  # [T, k] each
+        weights, ids = self.route(x)
+        if self.tier is not None:
+            return moe_dispatch_tiered(x, weights, ids, self.tier)
         return moe_dispatch(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.act)
 
 
@@ -131,6 +158,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, attention.head_dim)
         self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim
         self.dtype = torch.float32
+        self.expert_store = None  # an ExpertStore when the routed experts are tiered
 
     @property
     def max_model_len(self) -> int:
@@ -144,6 +172,8 @@ class Qwen3MoeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)
+        if self.expert_store is not None:
+            self.expert_store.begin_step(x, input_ids)
         cos, sin = self.rotary.step_tables(positions, x.dtype)  # [T, 1, D] each
         for layer, cache in zip(self.model.layers, ctx.caches[KV], strict=True):
             x = layer(x, cos, sin, ctx, cache)
@@ -168,6 +198,56 @@ class Qwen3MoeForCausalLM(nn.Module):
             if "lm_head.weight" in weights:  # some tied checkpoints store the copy anyway
                 weights.get("lm_head.weight")
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def expert_sources(
+        self, weights: CheckpointWeights, dtype: torch.dtype, quantization: str | None
+    ) -> list[ExpertSource]:
+        """Hand the routed experts to an expert store: detach them (unloaded) and describe how to read each.
+
+        Called on the meta-device model before load_weights. The experts keep the model's dtype (as
+        all-resident serving keeps the stacked experts; FP8 quantization leaves them alone too).
+        """
+        sources = []
+        for index, layer in enumerate(self.model.layers):
+            block = layer.mlp
+            if not isinstance(block, Qwen3MoeSparseMoeBlock):
+                continue
+            prefix = f"model.layers.{index}.mlp.experts"
+            stacked = f"{prefix}.gate_up_proj" in weights
+            if stacked:
+                names = [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
+            else:
+                names = [
+                    f"{prefix}.{e}.{part}.weight"
+                    for e in range(self.config.num_experts)
+                    for part in ("gate_proj", "up_proj", "down_proj")
+                ]
+            weights.set_aside(names)  # CheckpointError naming a missing one, before anything loads
+            block.experts = None
+            sources.append(
+                ExpertSource(
+                    layer=index,
+                    num_experts=self.config.num_experts,
+                    read=functools.partial(_read_expert, weights, prefix, stacked, dtype),
+                    new_slot=functools.partial(Qwen3MoeExpert, self.config),
+                    predict=lambda x, _ids, block=block: block.route(x)[1],
+                    moe=block,
+                )
+            )
+        return sources
+
+
+def _read_expert(weights: CheckpointWeights, prefix: str, stacked: bool, dtype: torch.dtype, expert: int) -> dict:
+    """One expert's gate_up [2I, H] and down [H, I] in `dtype`, read from the mapped checkpoint."""
+    if stacked:
+        gate_up = weights.read(f"{prefix}.gate_up_proj", expert)
+        down = weights.read(f"{prefix}.down_proj", expert)
+    else:
+        gate_up = torch.cat(
+            (weights.read(f"{prefix}.{expert}.gate_proj.weight"), weights.read(f"{prefix}.{expert}.up_proj.weight"))
+        )
+        down = weights.read(f"{prefix}.{expert}.down_proj.weight")
+    return {"gate_up": gate_up.to(dtype), "down": down.to(dtype)}
 
 
 def _stack_experts(weights: CheckpointWeights, name: str, num_experts: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.expert_store import ExpertStore, ExpertTierSettings
 from ..engine.weights import CheckpointError, CheckpointWeights
 from ..quant.fp8 import quantize_linears
 
@@ -44,13 +45,20 @@ def model_class(config) -> type[torch.nn.Module]:
 
 
 def load_model(
-    path: Path, config, device: torch.device, dtype: torch.dtype, quantization: str | None = None
+    path: Path,
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+    expert_tiers: ExpertTierSettings | None = None,
 ) -> torch.nn.Module:
     """The native model for the checkpoint in `path`: built on the meta device, weights memory-mapped.
 
     Weights stored in FP8 (a float8_e4m3fn `weight` beside its `weight_scale_inv`, DeepSeek's format)
     stay FP8 (their layers become Fp8Linear); quantization="fp8" quantizes the other linear weights
     at load time (see inference/quant/fp8.py and each model's `fp8_excluded`).
+    With expert_tiers, the routed experts are not loaded with the rest: the model hands them to an
+    ExpertStore (engine/expert_store.py), which keeps a budget of them on the device.
     """
     cls = model_class(config)
     with torch.device("meta"):
@@ -65,12 +73,19 @@ def load_model(
                 "with quantization='fp8' instead"
             )
         _make_fp8(model, native_fp8, dtype)
+    sources = None
+    if expert_tiers is not None:
+        if not hasattr(model, "expert_sources"):
+            raise UnsupportedModelError(f"{cls.__name__} has no routed experts to tier: leave expert_cache_experts unset")
+        sources = model.expert_sources(weights, dtype, quantization)
     model.load_weights(weights, device, dtype)
     weights.check_all_used()
     unfilled = [name for name, p in model.named_parameters() if p.is_meta]
     assert not unfilled, f"{cls.__name__}.load_weights left parameters unfilled: {unfilled[:5]}"
     if quantization == "fp8":
         quantize_linears(model, excluded=getattr(model, "fp8_excluded", None))
+    if sources is not None:
+        model.expert_store = ExpertStore(sources, expert_tiers, device)
     return model.eval()
 
 
