@@ -33,7 +33,7 @@ class Entry:
 MENU = (
     Entry("Dashboard", "frontend:dashboard"),
     Entry("Models", "frontend:models"),
-    Entry("Playground", "frontend:playground", perms.USE_ROLES),
+    Entry("Playground", "frontend:playground", perms.WRITE_ROLES),
     Entry("Fine-tuning", "frontend:finetuning"),
     Entry("Residency", "frontend:residency"),
     Entry("Policies", "frontend:residency-admin", perms.OVERSIGHT_ROLES),

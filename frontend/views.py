@@ -7,7 +7,7 @@ from django.shortcuts import redirect, render
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.views import APIView
 
-from citadel.accounts.permissions import USE_ROLES, role_required
+from citadel.accounts.permissions import WRITE_ROLES, is_platform_admin, role_required
 from citadel.core.exceptions import CitadelError
 from citadel.finetuning.selectors import fine_tuned_model_usable
 from citadel.gateway.apis import inference_request
@@ -34,7 +34,7 @@ def models_page(request):
     return render(request, "frontend/models.html", {"rows": rows})
 
 
-@role_required(USE_ROLES)
+@role_required(WRITE_ROLES)
 def playground(request):
     """Chat with a deployed model or with a fine-tuned adapter the user may use (their teams'), with
     the sampling settings; after each answer the page shows where it ran and under which policy."""
@@ -47,14 +47,16 @@ def playground(request):
                                                         "selected": request.GET.get("model", "")})
 
 
-@role_required(USE_ROLES)
+@role_required(WRITE_ROLES)
 def playground_job(request, job_id):
     """Where one of the user's playground requests ran: the job row (pool, site, worker, data class,
     prompt retention) and the residency decision its dispatch recorded in the audit log."""
     from citadel.audit.models import AuditRecord
 
-    job = InferenceJob.objects.select_related("model", "pool", "site", "data_class", "team").filter(
-        pk=job_id, user=request.user).first()
+    jobs = InferenceJob.objects.select_related("model", "pool", "site", "data_class", "team")
+    if not is_platform_admin(request.user):
+        jobs = jobs.filter(user=request.user)
+    job = jobs.filter(pk=job_id).first()
     if job is None:
         raise Http404("No such request of yours.")
     record = AuditRecord.objects.filter(details__job=str(job.pk)).order_by("sequence").first()
@@ -63,6 +65,7 @@ def playground_job(request, job_id):
 
 
 class PlaygroundStreamApi(APIView):
+    # RoleAccess lets WRITE_ROLES post here (a console path, not /v1): application accounts use API keys.
     authentication_classes = [SessionAuthentication]  # enforces CSRF on this POST
     schema = None
 
