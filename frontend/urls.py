@@ -1,13 +1,14 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import (views, views_account, views_admin_identity, views_audit, views_finetuning, views_models,
-                      views_people, views_residency, views_usage)
+from frontend import (views, views_account, views_admin_identity, views_audit, views_dashboard, views_finetuning,
+                      views_models, views_people, views_residency, views_usage)
 
 app_name = "frontend"
 
 urlpatterns = [
-    path("", views.home, name="home"),
+    path("", views_dashboard.dashboard_page, name="home"),
+    path("dashboard/", views_dashboard.dashboard_page, name="dashboard"),
     path("login/", views_account.LoginView.as_view(), name="login"),
     path("login/totp/", views_account.login_totp, name="login-totp"),
     path("account/", views_account.account_page, name="account"),
