@@ -65,7 +65,7 @@ class TeamOutput(serializers.ModelSerializer):
 
 class ApiKeyOutput(serializers.ModelSerializer):
     user = serializers.CharField(source="user.username")
-    team = serializers.CharField(source="team.name", default=None)
+    team = serializers.CharField(source="team.name", default=None, allow_null=True)
     data_class = serializers.CharField(source="data_class.name")
 
     class Meta:

@@ -48,6 +48,7 @@ def totp_enrolled(user) -> bool:
 
 
 @transaction.atomic
+@transaction.atomic  # select_for_update needs it; a live server runs requests in autocommit
 def totp_enrol_start(*, user, request=None) -> TotpDevice:
     """A new unconfirmed secret for `user` (replacing an unconfirmed one); a confirmed device stays until removed."""
     device = TotpDevice.objects.select_for_update().filter(user=user).first()

@@ -190,7 +190,7 @@ class FineTuningFileOutput(serializers.ModelSerializer):
     id = serializers.CharField(source="openai_id")
     site = serializers.CharField(source="site.name")
     data_class = serializers.CharField(source="data_class.name")
-    team = serializers.CharField(source="team.name", default=None)
+    team = serializers.CharField(source="team.name", default=None, allow_null=True)
 
     class Meta:
         model = File
@@ -202,11 +202,11 @@ class FineTuningJobOutput(serializers.ModelSerializer):
     id = serializers.CharField(source="openai_id")
     model = serializers.CharField(source="model.name")
     training_file = serializers.CharField(source="training_file.openai_id")
-    validation_file = serializers.CharField(source="validation_file.openai_id", default=None)
-    fine_tuned_model = serializers.CharField(source="fine_tuned_model.name", default=None)
-    pool = serializers.CharField(source="pool.name", default=None)
-    site = serializers.CharField(source="site.name", default=None)
-    team = serializers.CharField(source="team.name", default=None)
+    validation_file = serializers.CharField(source="validation_file.openai_id", default=None, allow_null=True)
+    fine_tuned_model = serializers.CharField(source="fine_tuned_model.name", default=None, allow_null=True)
+    pool = serializers.CharField(source="pool.name", default=None, allow_null=True)
+    site = serializers.CharField(source="site.name", default=None, allow_null=True)
+    team = serializers.CharField(source="team.name", default=None, allow_null=True)
 
     class Meta:
         model = FineTuningJob

@@ -11,7 +11,7 @@ from citadel.jobs.models import InferenceJob
 
 class JobOutput(serializers.ModelSerializer):
     model = serializers.CharField(source="model.name")
-    pool = serializers.CharField(source="pool.name", default=None)
+    pool = serializers.CharField(source="pool.name", default=None, allow_null=True)
 
     class Meta:
         model = InferenceJob

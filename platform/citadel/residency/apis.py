@@ -34,7 +34,7 @@ class DataClassSerializer(serializers.ModelSerializer):
 
 
 class PolicyOutput(serializers.ModelSerializer):
-    team = serializers.CharField(source="team.name", default=None)
+    team = serializers.CharField(source="team.name", default=None, allow_null=True)
     data_class = serializers.CharField(source="data_class.name")
     processing_sites = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
     storage_sites = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)

@@ -88,6 +88,7 @@ MIDDLEWARE = [
     "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "citadel.core.middleware.RequestIdMiddleware",
+    "citadel.core.unstorable.UnstorableTextMiddleware",  # NUL or a lone surrogate: 400 naming the field
     "citadel.usage.metrics.RequestMetricsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

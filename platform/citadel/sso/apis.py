@@ -14,7 +14,7 @@ from citadel.sso.services import group_mapping_create, group_mapping_delete, gro
 
 
 class GroupMappingOutput(serializers.ModelSerializer):
-    team = serializers.CharField(source="team.name", default=None)
+    team = serializers.CharField(source="team.name", default=None, allow_null=True)
 
     class Meta:
         model = GroupMapping

@@ -1,0 +1,101 @@
+"""Fuzzing the running server against its own OpenAPI documents with schemathesis.
+
+/api is described by drf-spectacular (/api/schema/) and fuzzed with a platform administrator's
+console session (cookie and CSRF token, as the browser sends them); /v1 is described by
+citadel/gateway/openapi_v1.yaml (/v1/openapi.json) and fuzzed with a real API key. Both run
+against gunicorn and a real Celery worker (the live stack) on PostgreSQL and Redis, valid and
+invalid inputs alike. What must hold: no server error (5xx), and every response that the document
+describes matches it (status, content type, body schema).
+
+CITADEL_FUZZ_EXAMPLES sets the examples per operation: a few by default (the CI run), 1000 in
+`make chaos`.
+"""
+
+import os
+import re
+
+import httpx
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+
+EXAMPLES = int(os.environ.get("CITADEL_FUZZ_EXAMPLES", "5"))
+CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
+# No shrinking and no example database: each failure is reported as generated, and nothing is
+# written into the working tree.
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 10, database=None,
+                phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+
+# The django_db mark makes pytest-django create the test database the live stack runs on.
+pytestmark = [pytest.mark.e2e, pytest.mark.fuzz, pytest.mark.django_db]
+
+
+@pytest.fixture(scope="module")
+def fuzz_session(live_stack, django_db_blocker):
+    """A signed-in platform administrator's session on the live stack: cookies and the CSRF header."""
+    from django.contrib.auth import get_user_model
+
+    with django_db_blocker.unblock():
+        get_user_model().objects.create_user("fuzz-admin", password="fuzz-admin-password-123", is_staff=True)
+    client = httpx.Client(base_url=live_stack.base_url)
+    page = client.get("/login/").text
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    signed_in = client.post("/login/", data={"username": "fuzz-admin", "password": "fuzz-admin-password-123",
+                                             "csrfmiddlewaretoken": token})
+    assert signed_in.status_code == 302, signed_in.text
+    session = requests.Session()
+    session.cookies.update(dict(client.cookies))
+    session.headers["X-CSRFToken"] = client.cookies["csrftoken"]
+    session.headers["Referer"] = live_stack.base_url + "/"
+    return session
+
+
+def _model_or_any(schema: dict, name: str) -> None:
+    """Point half the generated `model` values at the deployed model, so requests reach the worker."""
+    for item in schema["components"]["schemas"].values():
+        for part in [item, *item.get("allOf", [])]:
+            model = part.get("properties", {}).get("model")
+            if model == {"type": "string"} and "model" in part.get("required", []):
+                part["properties"]["model"] = {"anyOf": [{"const": name}, {"type": "string"}]}
+
+
+def fuzz(schema, call) -> None:
+    """Every operation, valid and invalid inputs: collect each operation's failure, then report them all."""
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @FUZZ
+            def run(case):
+                call(case)
+
+            try:
+                run()
+            except (Exception, BaseExceptionGroup) as error:  # noqa: BLE001 - gathered and reported below
+                failures.append(f"{operation.label} ({mode.value}): {type(error).__name__}: {error}"[:3000])
+    assert not failures, f"{len(failures)} failing operations:\n\n" + "\n\n".join(failures)
+
+
+def test_the_management_api_answers_generated_requests_without_a_server_error_and_as_documented(
+        live_stack, fuzz_session):
+    document = fuzz_session.get(f"{live_stack.base_url}/api/schema/", params={"format": "json"})
+    assert document.status_code == 200, document.text
+    schema = schemathesis.openapi.from_dict(document.json())
+    fuzz(schema, lambda case: case.call_and_validate(base_url=live_stack.base_url, session=fuzz_session,
+                                                     checks=CHECKS, timeout=120))
+
+
+def test_the_openai_api_answers_generated_requests_without_a_server_error_and_as_documented(live_stack):
+    document = httpx.get(f"{live_stack.v1}/openapi.json")
+    assert document.status_code == 200, document.text
+    body = document.json()
+    _model_or_any(body, "tiny")
+    schema = schemathesis.openapi.from_dict(body)
+    headers = {"Authorization": f"Bearer {live_stack.api_key}"}
+    fuzz(schema, lambda case: case.call_and_validate(base_url=live_stack.base_url, headers=headers, checks=CHECKS,
+                                                     timeout=180))
