@@ -1,8 +1,18 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import (views, views_account, views_admin_identity, views_audit, views_dashboard, views_finetuning,
-                      views_models, views_people, views_residency, views_usage)
+from frontend import (
+    views,
+    views_account,
+    views_admin_identity,
+    views_audit,
+    views_dashboard,
+    views_finetuning,
+    views_models,
+    views_people,
+    views_residency,
+    views_usage,
+)
 
 app_name = "frontend"
 

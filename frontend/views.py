@@ -3,7 +3,7 @@ authenticated by the console session (with CSRF) instead of an API key."""
 
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import render
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.views import APIView
 
@@ -13,25 +13,10 @@ from citadel.finetuning.selectors import fine_tuned_model_usable
 from citadel.gateway.apis import inference_request
 from citadel.gateway.serializers import ChatCompletionInput
 from citadel.jobs.models import InferenceJob
-from citadel.registry.models import Deployment, Model
-from citadel.registry.selectors import models_deployed, workers_live
+from citadel.registry.models import Model
+from citadel.registry.selectors import models_deployed
 from citadel.residency import services as residency
 from citadel.residency.models import DataClass
-
-
-def home(request):
-    return redirect("frontend:models")
-
-
-@login_required
-def models_page(request):
-    live_pools = set(workers_live().values_list("pool_id", flat=True))
-    rows = []
-    for model in Model.objects.prefetch_related("deployments__pool"):
-        deployments = [d for d in model.deployments.all() if d.status == Deployment.Status.ACTIVE]
-        rows.append({"model": model, "deployments": deployments,
-                     "serving": any(d.pool_id in live_pools for d in deployments)})
-    return render(request, "frontend/models.html", {"rows": rows})
 
 
 @role_required(WRITE_ROLES)

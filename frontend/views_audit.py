@@ -19,8 +19,8 @@ from django.db.models import Q
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import render
 from django.utils import timezone
-from django.utils.http import urlencode
 from django.utils.dateparse import parse_date, parse_datetime
+from django.utils.http import urlencode
 
 from citadel.accounts.permissions import OVERSIGHT_ROLES, role_required
 from citadel.audit.export import FORMATS, audit_export, records_filtered

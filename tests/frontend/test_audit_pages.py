@@ -55,7 +55,7 @@ def test_an_auditor_searches_the_log_and_sees_no_edit_controls(people):
     assert "model.register" in body and "deployment.create" in body and 'id="verify-button"' in body
     # The only form that posts is logging out: an auditor's page offers nothing to change.
     assert re.findall(r'<form[^>]*method="post"[^>]*>', body) == [
-        f'<form method="post" action="/logout/" class="logout">']
+        '<form method="post" action="/logout/" class="logout">']
 
 
 def test_filters_by_actor_action_prefix_target_outcome_and_time(people):
