@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference import LLM, SamplingParams
-from inference.engine.expert_store import ExpertBudgetError
+from inference.engine.expert_store import AgingLFU, ExpertBudgetError
 
 from .conftest import build_second_v4_checkpoint
 from .test_qwen3_moe_model import build_qwen3_moe_checkpoint
@@ -172,6 +172,18 @@ def test_a_native_fp8_checkpoint_keeps_its_experts_fp8_when_tiered(tmp_path):
     assert_same_outputs(expected, outputs)
     assert_every_tier_used(stats)
     assert stats["expert_resident_bytes"] == 4 * 2 * 3 * (128 * 128 + 4)
+
+
+def test_replacement_keeps_an_often_used_expert_until_its_uses_fade():
+    policy = AgingLFU(4)
+    for _ in range(5):
+        policy.touch([0])
+    policy.touch([1])
+    assert policy.victim([0, 1]) == 1  # used five times beats used once, even if once was later
+    for _ in range(30):
+        policy.touch([1, 2])
+    assert policy.victim([0, 1]) == 0  # thirty uses of the layer later, the old favourite has aged out
+    assert policy.victim([3, 2]) == 3  # never used goes first
 
 
 @pytest.mark.parametrize(
