@@ -16,8 +16,8 @@ from torch import nn
 
 from ..engine.cache import CacheGroup, CacheSpec
 from ..engine.context import ForwardContext
-from ..engine.weights import CheckpointWeights, assign_parameter
 from ..engine.expert_store import ExpertSource
+from ..engine.weights import CheckpointWeights, assign_parameter
 from ..layers import RMSNorm, RotaryEmbedding, act_fn, moe_dispatch, paged_attention, topk_softmax_router
 from ..layers.moe import moe_dispatch_tiered
 

@@ -15,8 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from inference import LLM, SamplingParams
 from inference.engine.expert_store import AgingLFU, ExpertBudgetError
+from inference.lora import LoRARequest
 
 from .conftest import build_second_v4_checkpoint
+from .test_lora_serving import V4_TARGETS, make_adapter
 from .test_qwen3_moe_model import build_qwen3_moe_checkpoint
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo-v4"
@@ -93,6 +95,26 @@ def test_the_tiny_v4_served_from_one_expert_slot_per_layer_is_exact(tiny_checkpo
     outputs, stats = generate(tiny_checkpoint, expert_cache_experts=1, expert_host_experts=2)
     assert_same_outputs(expected, outputs)  # fewer slots than experts per token: experts go through in turns
     assert_every_tier_used(stats)
+
+
+def test_without_a_host_tier_every_miss_is_read_from_disk_and_outputs_stay_exact(tiny_checkpoint):
+    expected = generate(tiny_checkpoint)[0]
+    outputs, stats = generate(tiny_checkpoint, expert_cache_experts=2, expert_host_experts=0)
+    assert_same_outputs(expected, outputs)
+    assert stats["expert_host_hits"] == 0 and stats["expert_host_bytes"] == 0
+    assert stats["expert_disk_bytes_read"] == stats["expert_bytes_transferred"] > 0
+
+
+def test_a_lora_adapter_serves_the_same_over_tiered_experts(tiny_checkpoint, tmp_path):
+    adapter = LoRARequest("a", make_adapter(tiny_checkpoint, tmp_path / "adapter", V4_TARGETS, seed=3))
+    results = []
+    for settings in ({}, {"expert_cache_experts": 2, "expert_host_experts": 4}):
+        llm = LLM(tiny_checkpoint, device="cpu", dtype="float32", **settings)
+        try:
+            results.append(llm.generate(PROMPTS, GREEDY, lora_request=adapter))
+        finally:
+            llm.close()
+    assert_same_outputs(*results)
 
 
 def test_a_second_v4_shape_with_three_experts_per_token_and_two_slots_is_exact(tiny_checkpoint, tmp_path):
