@@ -89,6 +89,18 @@ class CacheSpec:
         return -(-entries // self.page_entries(group, block_size))
 
 
+def page_views(spec: CacheSpec, pool: torch.Tensor, block_size: int) -> dict[str, list[torch.Tensor]]:
+    """Per paged group, per layer of the group: [pages, page_entries, *entry_shape] views of `pool`
+    [pages, page_bytes] uint8 (the device's pool, or a slower KV tier's, laid out the same)."""
+    views = {}
+    for group in spec.paged_groups:
+        entries = spec.page_entries(group, block_size)
+        view = pool[:, : entries * group.entry_bytes].view(group.dtype)
+        view = view.view(pool.shape[0], len(group.layers), entries, *group.entry_shape)
+        views[group.name] = [view[:, i] for i in range(len(group.layers))]
+    return views
+
+
 class PagedCache:
     """The cache memory: `num_pages` pages, `num_slots` slots, and for each group a view per layer.
 
@@ -107,12 +119,7 @@ class PagedCache:
         self.pool = torch.empty(num_pages, self.page_bytes, dtype=torch.uint8, device=device)
         self.pool[0].zero_()
         self.slots = torch.empty(num_slots, spec.slot_bytes, dtype=torch.uint8, device=device)
-        self.caches: dict[str, list[torch.Tensor]] = {}
-        for group in spec.paged_groups:
-            entries = spec.page_entries(group, block_size)
-            view = self.pool[:, : entries * group.entry_bytes].view(group.dtype)
-            view = view.view(num_pages, len(group.layers), entries, *group.entry_shape)
-            self.caches[group.name] = [view[:, i] for i in range(len(group.layers))]
+        self.caches: dict[str, list[torch.Tensor]] = page_views(spec, self.pool, block_size)
         offset = 0
         for group in spec.slot_groups:
             view = self.slots[:, offset : offset + group.entry_bytes].view(group.dtype)

@@ -29,6 +29,15 @@ class EngineConfig:
     that ship FP8 weights (DeepSeek's `weight_scale_inv` format) are served in FP8 either way."""
     max_loras: int = 8
     """Most LoRA adapters on the model's device at once (requests for others wait for a free place)."""
+    kv_device_bytes: int | None = None
+    """KV tiers (engine/tiers.py): bytes of the fast tier, the cache memory on the model's device (its
+    per-sequence slots first, then pages). None: untiered, sized by kv_cache_memory."""
+    kv_host_bytes: int | None = None
+    """Bytes of KV pages in host memory (pinned on a GPU) behind the device tier; None: no host tier."""
+    kv_disk_bytes: int | None = None
+    """Bytes of KV pages in a file under kv_disk_path behind the host tier; None: no disk tier."""
+    kv_disk_path: str | None = None
+    """Folder for the disk tier's file (created; the file is removed when the engine closes)."""
     expert_cache_experts: int | None = None
     """Expert tiers (engine/expert_store.py): routed experts per MoE layer kept on the model's device;
     the others wait in host memory or in the checkpoint on disk. None (and no expert_cache_bytes):
@@ -49,11 +58,28 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        for name in ("kv_cache_memory", "max_model_len"):
+        for name in ("kv_cache_memory", "max_model_len", "kv_device_bytes", "kv_host_bytes", "kv_disk_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self._check_tiers()
         self._check_expert_tiers()
+
+    def _check_tiers(self) -> None:
+        if self.kv_device_bytes is None:
+            for name in ("kv_host_bytes", "kv_disk_bytes", "kv_disk_path"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs kv_device_bytes (the fast tier's budget): set both, or neither")
+            return
+        if self.kv_cache_memory is not None:
+            raise ValueError(
+                "kv_cache_memory and kv_device_bytes both size the device's cache: set kv_device_bytes "
+                "(with kv_host_bytes / kv_disk_bytes) for a tiered cache, or kv_cache_memory alone"
+            )
+        if (self.kv_disk_bytes is None) != (self.kv_disk_path is None):
+            raise ValueError("kv_disk_bytes and kv_disk_path go together: the disk tier needs a size and a folder")
+        if self.kv_disk_path is not None and not isinstance(self.kv_disk_path, str):
+            raise ValueError(f"kv_disk_path must be a folder path (a string), got {self.kv_disk_path!r}")
 
     def _check_expert_tiers(self) -> None:
         for name in ("expert_cache_experts", "expert_cache_bytes"):

@@ -55,6 +55,9 @@ class ForwardContext:
     """Per group, per layer of the group: [num_pages, page_entries, *entry_shape] for paged groups,
     [num_slots, *entry_shape] for per-sequence ones."""
 
+    kv_tiers: object | None = None
+    """The KV tiers (engine/tiers.py) when the model reads pages left in slower tiers itself (block
+    tables then name such a page -1 - its logical id); None: every page in the tables is on the device."""
     shared: dict = field(default_factory=dict)
     """Tensors derived from this step's metadata that every layer would otherwise rebuild (masks,
     page lists): the first layer computes them, the others reuse them (see layers/attention.py)."""

@@ -59,6 +59,7 @@ class LLMEngine:
         self.lora = LoRAManager(model, config.max_loras)
         self.runner = ModelRunner(model, config, device, self.lora)
         self.scheduler = Scheduler(config, self.runner.block_manager, self.lora)
+        self.scheduler.step_page_limit = self.runner.step_page_limit
         self.eos_token_ids = eos_token_ids
         self._generator = generator
         self._tokenizer_lock = tokenizer_lock or contextlib.nullcontext()

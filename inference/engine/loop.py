@@ -92,6 +92,8 @@ class EngineLoop:
             experts = getattr(self.engine.runner.model, "expert_store", None)
             if experts is not None:
                 stats.update(experts.stats())
+            if self.engine.runner.tiers is not None:
+                stats.update(self.engine.runner.tiers.stats())
         return stats
 
     def close(self, wait: bool = True) -> None:

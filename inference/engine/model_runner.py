@@ -20,6 +20,7 @@ from .cache import PagedCache
 from .config import EngineConfig
 from .context import ForwardContext, GroupTables
 from .scheduler import ScheduledBatch
+from .tiers import KVTiers
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class ModelRunner:
         model_len = min(model.max_model_len, config.max_model_len or model.max_model_len)
         sizing = BlockManager(self.spec, 2, 0, self.block_size)
         wanted = config.max_num_seqs * sizing.pages_for(model_len) + 1  # never more than can be used
+        self.tiers: KVTiers | None = None
+        self.step_page_limit: int | None = None
+        """Most pages one step may use (whole-page KV tiers: what the device tier holds)."""
+        if config.kv_device_bytes is not None:
+            self._build_tiers(model, config, device, num_slots, slot_bytes, model_len)
+            return
         budget = config.kv_cache_memory or self._default_cache_bytes()
         num_pages = min(max(budget - slot_bytes, 0) // page_bytes, wanted)
         if num_pages < 2:
@@ -73,6 +80,49 @@ class ModelRunner:
             self.max_model_len,
         )
 
+    def _build_tiers(self, model, config: EngineConfig, device, num_slots: int, slot_bytes: int, model_len: int):
+        """KV tiers (engine/tiers.py): the device pool is the fast tier; logical pages span all tiers."""
+        page_bytes = self.spec.page_bytes(self.block_size)
+        device_pages = max(config.kv_device_bytes - slot_bytes, 0) // page_bytes  # with the null page
+        if device_pages < 2:
+            raise ValueError(
+                f"kv_device_bytes={config.kv_device_bytes} holds no cache page (one page is {page_bytes} bytes "
+                f"and {slot_bytes} bytes go to max_num_seqs={config.max_num_seqs} per-sequence slots): raise it"
+            )
+        slower = {}
+        for name in ("kv_host_bytes", "kv_disk_bytes"):
+            value = getattr(config, name)
+            slower[name] = (value or 0) // page_bytes
+            if value is not None and slower[name] == 0:
+                raise ValueError(f"{name}={value} holds no cache page (one page is {page_bytes} bytes): raise it")
+        selective = bool(getattr(model, "reads_kv_through_tiers", False))
+        sizing = BlockManager(self.spec, 2, 0, self.block_size)
+        if selective:  # a step must hold the pages it writes: at most a chunk's and one more per sequence and group
+            groups = len(self.spec.paged_groups)
+            needed = sizing.pages_for(config.max_num_batched_tokens) + groups * config.max_num_seqs
+            if device_pages - 1 < needed:
+                raise ValueError(
+                    f"kv_device_bytes={config.kv_device_bytes} holds {device_pages - 1} pages of {page_bytes} bytes; "
+                    f"a step of max_num_batched_tokens={config.max_num_batched_tokens} and max_num_seqs="
+                    f"{config.max_num_seqs} may write {needed}: raise kv_device_bytes or lower those"
+                )
+        self.cache = PagedCache(self.spec, device_pages, num_slots, self.block_size, device)
+        self.tiers = KVTiers(
+            self.spec, self.block_size, self.cache.pool, slower["kv_host_bytes"], slower["kv_disk_bytes"],
+            config.kv_disk_path, selective,
+        )
+        self.block_manager = BlockManager(self.spec, self.tiers.num_logical + 1, num_slots, self.block_size)
+        longest = self.block_manager.max_tokens_per_sequence()
+        if not selective:  # every page of a step is on the device: a sequence fits the device tier
+            self.step_page_limit = device_pages - 1
+            longest = BlockManager(self.spec, device_pages, 0, self.block_size).max_tokens_per_sequence()
+        self.max_model_len = min(model_len, longest)
+        logger.info(
+            "KV tiers: %d device, %d host, %d disk pages of %d bytes (%s reads), %d tokens per sequence at most",
+            device_pages - 1, slower["kv_host_bytes"], slower["kv_disk_bytes"], page_bytes,
+            "selective" if selective else "whole-page", self.max_model_len,
+        )
+
     def _default_cache_bytes(self) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -82,7 +132,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
-        self.cache.zero(*self.block_manager.take_new())
+        pages, slots = self.block_manager.take_new()
+        if self.tiers is None:
+            self.cache.zero(pages, slots)
+        else:
+            self.cache.zero([], slots)
+            self.tiers.new_pages(pages)
+            self.tiers.stage(batch.seqs, batch.num_tokens)
         # Decodes (one token) first, so attention serves them with one batched gather.
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
@@ -123,6 +179,7 @@ class ModelRunner:
             groups=self._group_tables(seqs, counts, pos),
             slots=torch.tensor([seq.slot for seq in seqs], device=device) if self.spec.slot_groups else None,
             caches=self.cache.caches,
+            kv_tiers=self.tiers if self.tiers is not None and self.tiers.selective else None,
         )
         adapters = [seq.lora for seq in seqs]
         if self.lora is not None and any(adapters):
@@ -165,9 +222,10 @@ class ModelRunner:
         for index, group in enumerate(self.spec.paged_groups):
             rows = [seq.block_tables[index] for seq in seqs]
             width = max(len(r) for r in rows)
-            block_tables = torch.tensor(
-                [r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device
-            )  # [B, pages]
+            block_tables = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, pages]
+            if self.tiers is not None:  # logical pages -> device pages (or -1 - logical: see tiers.py)
+                block_tables = self.tiers.device_map[block_tables]
+            block_tables = block_tables.to(self.device)
             entries = self.spec.page_entries(group, self.block_size)
             table = GroupTables(block_tables, entries)
             if group.tokens_per_entry == 1:

@@ -39,6 +39,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    step_page_limit: int | None = None
+    """Most pages a step's sequences may hold together (set by the engine for whole-page KV tiers)."""
+
     def __init__(self, config: EngineConfig, block_manager: BlockManager, lora: LoRAManager | None = None):
         self.config = config
         self.block_manager = block_manager
@@ -62,6 +65,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._fits_step(batch, seq.num_computed_tokens + count):
+                break  # the device KV tier holds no more pages this step (whole-page KV tiers)
             while not self.block_manager.can_grow(seq, seq.num_computed_tokens + count):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -83,7 +88,9 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             count = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_grow(seq, seq.num_computed_tokens + count):
+            if not self.block_manager.can_grow(seq, seq.num_computed_tokens + count) or not self._fits_step(
+                batch, seq.num_computed_tokens + count
+            ):
                 break
             if seq.lora is not None:
                 if self.lora is None or not self.lora.acquire(seq.lora):
@@ -97,6 +104,13 @@ class Scheduler:
             batch.num_tokens.append(count)
             budget -= count
         return batch
+
+    def _fits_step(self, batch: ScheduledBatch, num_tokens: int) -> bool:
+        """Whether one more sequence of `num_tokens` keeps the step's pages within step_page_limit."""
+        if self.step_page_limit is None:
+            return True
+        used = sum(self.block_manager.pages_for(s.num_computed_tokens + n) for s, n in zip(batch.seqs, batch.num_tokens, strict=True))
+        return used + self.block_manager.pages_for(num_tokens) <= self.step_page_limit
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -126,6 +126,9 @@ class CitadelDeepseekV4(nn.Module):
     """Where an adapter's trained token rows go (inference/lora)."""
     loads_native_fp8 = True
     """DeepSeek's FP8 checkpoints (weight + weight_scale_inv) load as they are (models/registry.py)."""
+    reads_kv_through_tiers = True
+    """Compressed entries left in a slower KV tier are fetched by the attention itself, only the ones
+    it reads (engine/tiers.py): a sequence may be longer than the device tier holds."""
 
     @staticmethod
     def checkpoint_module_name(stored: str) -> str:

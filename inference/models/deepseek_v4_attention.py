@@ -220,6 +220,7 @@ class Attention(nn.Module):
             fresh = torch.cat([fresh, self.indexer.compressor.project(x)], dim=-1)  # [T, C]
         pages = batch.caches[self.group][self.kind_index]  # [P, entries_per_page, hd (+ ihd)]
         if emit.count:
+            assert batch.tiers is None or bool((emit.page >= 0).all()), "KV tiers: a written page was not staged"
             tail_read = tail[batch.slots[:, None], ring.read_slot]  # [B, R-1, C]
             src = torch.cat([tail_read.flatten(0, 1), fresh])[emit.src_index]  # [E, n_src, C]
             main = 4 * self.head_dim if self.indexer is not None else 2 * self.head_dim
@@ -252,9 +253,10 @@ class Attention(nn.Module):
                 visible = (pos + 1) // group.rate  # [Bd] all entries written so far
                 ids = torch.arange(n_max, device=q.device).expand(len(rows), n_max)  # [Bd, N]
                 if index is not None:
-                    index_keys, iq, iw = index
+                    _, iq, iw = index
                     page, offset = group.locate(None if batch.all_decodes else rows, ids)
-                    scores = self.indexer.scores(by_token(iq), by_token(iw), index_keys[page, offset])  # [Bd, N]
+                    index_keys = self._read(batch, page, offset, index=True)  # [Bd, N, ihd]
+                    scores = self.indexer.scores(by_token(iq), by_token(iw), index_keys)  # [Bd, N]
                     scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
                     prompt_lens = by_row(batch.prompt_len_tensor)
                     hf_len = torch.where(pos < prompt_lens, prompt_lens // group.rate, visible)
@@ -262,7 +264,7 @@ class Attention(nn.Module):
                 else:
                     chosen = ids < visible[:, None]
                 page, offset = group.locate(None if batch.all_decodes else rows, ids)
-                keys = torch.cat([keys, entries[page, offset]], dim=1)  # [Bd, W + K, hd]
+                keys = torch.cat([keys, self._read(batch, page, offset, index=False)], dim=1)  # [Bd, W + K, hd]
                 valid = torch.cat([valid, chosen], dim=1)
         scores = torch.matmul(by_token(q), keys.transpose(1, 2)) * self.scaling  # [Bd, H, n]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
@@ -293,7 +295,7 @@ class Attention(nn.Module):
             if seq is None:
                 out[a:b] = torch.matmul(softmax_with_sink(scores, self.attn_sink).to(q.dtype), keys)
                 continue
-            extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.prompt_lens[i])
+            extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.prompt_lens[i], batch)
             extra = torch.matmul(q[a:b], extra_keys.transpose(-1, -2)) * self.scaling  # [Lb, H, K]
             extra = extra.masked_fill(~chosen[:, None], float("-inf"))
             probs = softmax_with_sink(torch.cat([scores, extra], dim=-1), self.attn_sink).to(q.dtype)
@@ -309,14 +311,16 @@ class Attention(nn.Module):
             return None
         ids = torch.arange(n, device=batch.slots.device)[None]  # [1, N]
         page, offset = group.locate(batch.slots.new_tensor([i]), ids)
-        seq = _SequenceEntries(n, group.rate, entries[page[0], offset[0]])  # entries [N, hd]
-        if index is not None:
+        seq = _SequenceEntries(n, group.rate, page[0], offset[0])
+        if index is None:  # HCA attends to every entry
+            seq.entries = self._read(batch, seq.page, seq.offset, index=False)  # [N, hd]
+        else:  # CSA: the indexer scores every entry's key; only the entries it selects are read
             a, b = batch.offsets[i], batch.offsets[i + 1]
-            seq.index_keys = index[0][page[0], offset[0]]  # [N, ihd]
+            seq.index_keys = self._read(batch, seq.page, seq.offset, index=True)  # [N, ihd]
             seq.queries, seq.weights = index[1][a:b], index[2][a:b]  # [L, nh, ihd], [L, nh]
         return seq
 
-    def _chosen_entries(self, seq: _SequenceEntries, qp, a: int, b: int, prompt_len: int):
+    def _chosen_entries(self, seq: _SequenceEntries, qp, a: int, b: int, prompt_len: int, batch: V4Batch):
         """Entries the queries at positions qp [Lb] attend to -> keys [Lb or 1, K, hd], chosen [Lb, K]."""
         visible = (qp + 1) // seq.rate  # [Lb]: entries whose window has closed
         ids = torch.arange(seq.count, device=qp.device)[None, :]  # [1, N]
@@ -326,14 +330,27 @@ class Attention(nn.Module):
         scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
         hf_len = torch.where(qp < prompt_len, prompt_len // seq.rate, visible)
         ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)  # [Lb, K]
-        return seq.entries[ids], chosen
+        return self._read(batch, seq.page[ids], seq.offset[ids], index=False), chosen
+
+    def _read(self, batch: V4Batch, page: torch.Tensor, offset: torch.Tensor, index: bool) -> torch.Tensor:
+        """This layer's compressed K/V [.., hd] (or, `index`, its indexer keys [.., ihd]) at (page, offset).
+
+        With KV tiers (engine/tiers.py) a page may be in host memory or on disk (page < 0): the tiers
+        fetch only the entries asked for, so a CSA layer moves the indexer keys and the selected
+        entries, never the whole sequence's cache."""
+        columns = slice(self.head_dim, None) if index else slice(0, self.head_dim)
+        if batch.tiers is None:
+            return batch.caches[self.group][self.kind_index][page, offset, columns]
+        return batch.tiers.gather(self.group, self.kind_index, page, offset, columns)
 
 
 @dataclass
 class _SequenceEntries:
     count: int
     rate: int
-    entries: torch.Tensor  # [N, hd]
+    page: torch.Tensor  # [N] the page of each entry (negative: in a slower KV tier)
+    offset: torch.Tensor  # [N]
+    entries: torch.Tensor | None = None  # [N, hd] (HCA: every entry is attended)
     index_keys: torch.Tensor | None = None  # [N, ihd]
     queries: torch.Tensor | None = None  # [L, nh, ihd] the chunk's indexer queries
     weights: torch.Tensor | None = None  # [L, nh]

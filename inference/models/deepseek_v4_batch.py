@@ -89,6 +89,8 @@ class V4Batch:
     prompt_len_tensor: torch.Tensor  # [B]
     rings: dict[str, RingMeta]
     groups: dict[str, GroupMeta]
+    tiers: object | None = None
+    """The engine's KV tiers when some pages are read from slower tiers (ForwardContext.kv_tiers)."""
     rope: dict[str, RopeTable] = field(default_factory=dict)
     """'main' / 'compress' -> the RopeTable at the tokens' positions (set by the model)."""
 
@@ -173,6 +175,7 @@ class V4Batch:
             prompt_len_tensor=torch.tensor(ctx.prompt_lens, device=dev),
             rings=rings,
             groups=groups,
+            tiers=ctx.kv_tiers,
         )
 
 
