@@ -3,6 +3,7 @@
 import math
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -14,6 +15,7 @@ from citadel.core.exceptions import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    ServiceUnavailable,
     openai_error_body,
 )
 
@@ -21,6 +23,10 @@ from citadel.core.exceptions import (
 def _drf_to_citadel(exc: Exception) -> CitadelError | None:
     if isinstance(exc, CitadelError):
         return exc
+    if isinstance(exc, OperationalError | InterfaceError):  # PostgreSQL restarting or unreachable
+        error = ServiceUnavailable("The database is unavailable; try again shortly.", code="database_unavailable")
+        error.retry_after = 5
+        return error
     if isinstance(exc, drf_exceptions.ParseError):
         return InvalidRequest(f"The request body is not valid JSON: {exc.detail}", code="invalid_json")
     if isinstance(exc, drf_exceptions.ValidationError):

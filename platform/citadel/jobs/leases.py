@@ -112,6 +112,9 @@ class LeaseKeeper:
                 continue
             try:
                 if not lease_renew(kind=lease.kind, job_id=lease.job_id, attempt=lease.attempt):
+                    with self._lock:
+                        if lease not in self._held:
+                            continue  # the job ended meanwhile and released its lease itself
                     logger.warning("lease on %s %s (attempt %s) was taken back; stopping work on it",
                                    lease.kind, lease.job_id, lease.attempt)
                     lease.lost.set()

@@ -81,7 +81,8 @@ def jobs_reconcile() -> dict:
     _inference(counts)
     _fine_tuning(counts)
     counts["inference_resent"] = jobs_redispatch_queued(
-        older_than=timedelta(seconds=max(30.0, lease_seconds() / 2)), max_dispatches=5)
+        older_than=timedelta(seconds=settings.CITADEL_JOB_RESEND_SECONDS),
+        max_dispatches=settings.CITADEL_JOB_MAX_DISPATCHES)
     # Leases of jobs that ended without releasing them (a crash between the end and the release).
     stale = timezone.now() - timedelta(seconds=10 * lease_seconds())
     JobLease.objects.filter(expires_at__lt=stale).delete()

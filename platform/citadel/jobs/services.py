@@ -235,8 +235,9 @@ def job_requeue_or_fail(*, job_id, attempt: int, why: str, max_attempts: int) ->
         return "failed"
     job.chunks.all().delete()
     lost_worker = job.worker_name
-    job.status, job.worker_name, job.started_at = InferenceJob.Status.QUEUED, "", None
-    job.save(update_fields=["status", "worker_name", "started_at"])
+    # Sent afresh: the resend count starts again (citadel.jobs.reconcile resends a lost message).
+    job.status, job.worker_name, job.started_at, job.dispatch_count = InferenceJob.Status.QUEUED, "", None, 0
+    job.save(update_fields=["status", "worker_name", "started_at", "dispatch_count"])
     lease_release(kind=JobLease.Kind.INFERENCE, job_id=job.pk)
     audit_record(actor=actor, action=f"inference.{job.kind}.requeue", outcome="success", target_type="model",
                  target_id=job.model.name, request_id=job.request_id,

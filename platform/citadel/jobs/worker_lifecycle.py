@@ -19,15 +19,48 @@ logger = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
+class _EngineSnapshot:
+    """The loaded models and engine counters, read by a thread of their own.
+
+    Reading them waits for the engine's locks (a model being loaded, an engine step), which a busy
+    engine may hold for seconds at a time; the heartbeat must never wait for them, or a worker
+    that is working hard looks dead and its jobs are taken from it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.loaded: list[str] = []
+        self.stats: dict = {}
+
+    def read(self) -> tuple[list[str], dict]:
+        with self._lock:
+            return list(self.loaded), dict(self.stats)
+
+    def refresh_forever(self) -> None:
+        from citadel.jobs.engines import engines
+
+        while not _stop.is_set():
+            try:
+                loaded, stats = engines.loaded_paths(), engines.stats()
+                with self._lock:
+                    self.loaded, self.stats = loaded, stats
+            except Exception:
+                logger.exception("could not read the engine's counters")
+            _stop.wait(settings.CITADEL_WORKER_HEARTBEAT_SECONDS)
+
+
+_snapshot = _EngineSnapshot()
+
+
 def _beat(name: str, pool: str) -> None:
-    from citadel.jobs.engines import engines
     from citadel.registry.services import worker_heartbeat
 
     while not _stop.is_set():
         try:
             close_old_connections()
+            loaded, stats = _snapshot.read()
             worker_heartbeat(name=name, pool_name=pool, hostname=socket.gethostname(), pid=os.getpid(),
-                             loaded_models=engines.loaded_paths(), engine_stats=engines.stats())
+                             loaded_models=loaded, engine_stats=stats)
         except Exception:  # the database may be restarting; the next beat tries again
             logger.exception("heartbeat failed")
         finally:
@@ -61,6 +94,7 @@ def _on_ready(sender, **kwargs):
         return
     name = sender.hostname
     threading.Thread(target=_preload, args=(pool,), name="citadel-preload", daemon=True).start()
+    threading.Thread(target=_snapshot.refresh_forever, name="citadel-engine-snapshot", daemon=True).start()
     threading.Thread(target=_beat, args=(name, pool), name="citadel-heartbeat", daemon=True).start()
 
 

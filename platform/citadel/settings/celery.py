@@ -52,6 +52,10 @@ CITADEL_JOB_LEASE_RENEW_SECONDS = env.float("CITADEL_JOB_LEASE_RENEW_SECONDS",
                                             default=max(0.5, CITADEL_JOB_LEASE_SECONDS / 6))
 CITADEL_JOB_MAX_ATTEMPTS = env.int("CITADEL_JOB_MAX_ATTEMPTS", default=3)
 CITADEL_RECONCILE_SECONDS = env.float("CITADEL_RECONCILE_SECONDS", default=15.0)
+# A queued job whose message has not been taken this long after it was sent is sent again, up to
+# CITADEL_JOB_MAX_DISPATCHES sends (then it fails as worker_lost: no worker is taking its pool's jobs).
+CITADEL_JOB_RESEND_SECONDS = env.float("CITADEL_JOB_RESEND_SECONDS", default=30.0)
+CITADEL_JOB_MAX_DISPATCHES = env.int("CITADEL_JOB_MAX_DISPATCHES", default=5)
 CELERY_TASK_DEFAULT_QUEUE = "control"
 # Every task's queue, named: housekeeping on `control`; the work itself on the pool queue that
 # the publisher names (citadel.celery.pool_queue), which no route overrides.
