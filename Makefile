@@ -10,7 +10,7 @@ export CITADEL_DATA_DIR PORT
 export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint bench install clean ansible-check
+.PHONY: run test lint bench install clean ansible-check chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault tests (tests/chaos, platform/citadel/jobs/RELIABILITY.md) on private PostgreSQL, Redis and
+# RabbitMQ instances: CITADEL_CHAOS_ROUNDS worker kills mid-inference and mid-fine-tune in all.
+# `make test` runs them with 3.
+CITADEL_CHAOS_ROUNDS ?= 100
+chaos: install
+	CITADEL_CHAOS_ROUNDS=$(CITADEL_CHAOS_ROUNDS) $(BIN)/python -m pytest -m chaos tests/chaos -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -39,4 +39,6 @@ STATIC_ROOT = None  # the tests serve static files from the apps (WHITENOISE_USE
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 if CELERY_BROKER_URL.startswith("redis") and "CITADEL_BROKER_VISIBILITY_SECONDS" in os.environ:  # tests/chaos
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CITADEL_BROKER_VISIBILITY_SECONDS")}
+    # Swept every second (kombu's default is about 100 s), so the redelivery comes within the test.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CITADEL_BROKER_VISIBILITY_SECONDS"),
+                                       "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
