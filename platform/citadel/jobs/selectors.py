@@ -1,7 +1,8 @@
 """Reads for jobs, including following a running job's output from the web process.
 
-The web process polls the job row and its chunk rows: it works the same on PostgreSQL and on
-the embedded SQLite, needs no extra service, and keeps the database the only source of truth.
+The web process reads the job row and its chunk rows whenever the worker's commit wakes it
+(PostgreSQL LISTEN/NOTIFY, citadel.jobs.wakeups), polling on SQLite: the database stays the only
+source of truth and no extra service is needed.
 While it waits it also notices a job whose worker died or that no worker picked up, and fails
 it, so a client is never left hanging.
 """
@@ -16,6 +17,7 @@ from django.utils import timezone
 
 from citadel.audit.services import Actor
 from citadel.jobs.models import InferenceChunk, InferenceJob
+from citadel.jobs.wakeups import listener
 from citadel.registry.selectors import worker_is_live, workers_live
 
 
@@ -48,35 +50,38 @@ def job_follow(*, job_id, timeout: float | None = None) -> Iterator[Delta | Fini
     """
     from citadel.jobs.services import job_fail
 
-    poll = settings.CITADEL_STREAM_POLL_SECONDS
     deadline = time.monotonic() + (timeout or settings.CITADEL_REQUEST_TIMEOUT_SECONDS)
     next_index, last_check = 0, time.monotonic()
-    while True:
-        job = InferenceJob.objects.select_related("pool", "model").get(pk=job_id)
-        pending = InferenceChunk.objects.filter(job_id=job_id, index__gte=next_index).order_by("index")
-        if job.is_terminal:
-            # The worker commits every chunk before the final state, so all of them are visible now.
-            for text, logprobs in pending.values_list("text", "logprobs"):
+    # Woken when the worker commits a chunk or the outcome (citadel.jobs.wakeups); registered before
+    # each read, so a commit between the read and the wait is not missed.
+    with listener.waiter(job_id) as woken:
+        while True:
+            woken.clear()
+            job = InferenceJob.objects.select_related("pool", "model").get(pk=job_id)
+            pending = InferenceChunk.objects.filter(job_id=job_id, index__gte=next_index).order_by("index")
+            if job.is_terminal:
+                # The worker commits every chunk before the final state, so all of them are visible now.
+                for text, logprobs in pending.values_list("text", "logprobs"):
+                    yield Delta(text, logprobs)
+                yield Finished(job)
+                return
+            for index, text, logprobs in pending.values_list("index", "text", "logprobs"):
+                if index != next_index:
+                    break  # a gap: that chunk's commit is not visible yet; read it on the next poll
+                next_index += 1
                 yield Delta(text, logprobs)
-            yield Finished(job)
-            return
-        for index, text, logprobs in pending.values_list("index", "text", "logprobs"):
-            if index != next_index:
-                break  # a gap: that chunk's commit is not visible yet; read it on the next poll
-            next_index += 1
-            yield Delta(text, logprobs)
-        now = time.monotonic()
-        if now > deadline:
-            job_fail(job_id=job_id, code="timeout", message="The job did not finish in time.",
-                     actor=Actor.system("gateway"))
-            continue
-        if now - last_check > 1.0:
-            last_check = now
-            reason = _stalled_reason(job)
-            if reason:
-                job_fail(job_id=job_id, code=reason[0], message=reason[1], actor=Actor.system("gateway"))
+            now = time.monotonic()
+            if now > deadline:
+                job_fail(job_id=job_id, code="timeout", message="The job did not finish in time.",
+                         actor=Actor.system("gateway"))
                 continue
-        time.sleep(poll)
+            if now - last_check > 1.0:
+                last_check = now
+                reason = _stalled_reason(job)
+                if reason:
+                    job_fail(job_id=job_id, code=reason[0], message=reason[1], actor=Actor.system("gateway"))
+                    continue
+            woken.wait(listener.timeout())
 
 
 def job_wait(*, job_id, timeout: float | None = None) -> InferenceJob:

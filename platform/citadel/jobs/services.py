@@ -16,6 +16,7 @@ from citadel.core.exceptions import CitadelError, ServiceUnavailable
 from citadel.jobs.admission import deployment_admit, no_worker_retry_after
 from citadel.jobs.leases import lease_acquire, lease_release
 from citadel.jobs.models import InferenceChunk, InferenceJob, JobLease
+from citadel.jobs.wakeups import job_notify
 from citadel.registry.selectors import deployments_active_for_model, model_get
 from citadel.residency.prompts import retained_payload
 from citadel.residency.services import ResidencyDenied, Subject, decide
@@ -126,6 +127,7 @@ def _fail(job: InferenceJob, *, code: str, message: str) -> None:
     job.finished_at = timezone.now()
     job.payload = retained_payload(job.payload, job.prompt_retention)  # the job is over: keep what the policy keeps
     job.save(update_fields=["status", "error_code", "error_message", "finished_at", "payload"])
+    job_notify(job.pk)  # the request waiting for the job wakes when this commits
     lease_release(kind=JobLease.Kind.INFERENCE, job_id=job.pk)
 
 
@@ -164,6 +166,7 @@ def storable(value):
 
 def job_append_chunk(*, job: InferenceJob, index: int, text: str, logprobs: list[dict] | None = None) -> None:
     InferenceChunk.objects.create(job=job, index=index, text=storable(text), logprobs=storable(logprobs))
+    job_notify(job.pk)
 
 
 @transaction.atomic
@@ -182,6 +185,8 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
     )
     if updated:
         from citadel.usage.services import usage_record  # metered with the outcome, in its transaction
+
+        job_notify(job.pk)  # the request waiting for the job wakes when this commits
 
         lease_release(kind=JobLease.Kind.INFERENCE, job_id=job.pk)
 

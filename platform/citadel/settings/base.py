@@ -211,6 +211,8 @@ CITADEL_WORKER_STALE_SECONDS = env.int("CITADEL_WORKER_STALE_SECONDS", default=3
 CITADEL_WORKER_HEARTBEAT_SECONDS = env.int("CITADEL_WORKER_HEARTBEAT_SECONDS", default=5)
 CITADEL_REQUEST_TIMEOUT_SECONDS = env.int("CITADEL_REQUEST_TIMEOUT_SECONDS", default=300)
 CITADEL_STREAM_POLL_SECONDS = env.float("CITADEL_STREAM_POLL_SECONDS", default=0.02)
+# With PostgreSQL a waiting request is woken by its worker's commit; it checks anyway this often.
+CITADEL_JOB_WAKEUP_CHECK_SECONDS = env.float("CITADEL_JOB_WAKEUP_CHECK_SECONDS", default=0.5)
 # Graceful overload (citadel.jobs.admission).
 CITADEL_POOL_QUEUE_LIMIT = env.int("CITADEL_POOL_QUEUE_LIMIT", default=64)
 CITADEL_POOL_WORKER_SLOTS = env.int("CITADEL_POOL_WORKER_SLOTS", default=16)
