@@ -1,7 +1,8 @@
 """The dashboard, audit and models pages in a real Chromium against the live stack (gunicorn and a
 real Celery worker serving `tiny`): verify the audit chain from the audit page (htmx swaps the result
 in under the strict Content-Security-Policy), and deploy the model to a second pool with engine
-settings, watch its live status, then undeploy it through the confirmation page."""
+settings, watch its live status, then undeploy it through the confirmation page; import the tiny
+checkpoint again under a new name and watch the stack's worker hash and register it."""
 
 import os
 import shutil
@@ -112,3 +113,26 @@ def test_the_dashboard_shows_the_live_worker_and_the_deployment(page):
     assert page.locator("#usage-chart").is_visible()
     page.set_viewport_size({"width": 380, "height": 800})  # a narrow window: the page still fits its content
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+def test_an_administrator_imports_a_folder_and_the_pools_worker_verifies_and_registers_it(page, tiny_checkpoint):
+    import hashlib
+    from pathlib import Path
+
+    weights = sorted(Path(tiny_checkpoint).glob("*.safetensors"))
+    sums = "\n".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in weights)
+    log_in(page, "/models/")
+    page.fill("#import-name", "tiny-again")
+    page.fill("#import-path", str(tiny_checkpoint))
+    page.select_option("#import-pool", "e2e")
+    page.fill("#import-checksums", sums)
+    page.click("#import-button")
+    page.wait_for_url("**/models/imports/*/")
+    # The progress block polls itself until the worker of pool e2e has finished.
+    page.locator(".import-progress[data-status=succeeded]").wait_for(timeout=120_000)
+    text = page.locator(".import-progress").inner_text()
+    assert "Registered tiny-again" in text and "against the expected checksums" in text and "100%" in text
+    page.click(".import-progress a[href=\"/models/tiny-again/\"]")
+    page.wait_for_url("**/models/tiny-again/")
+    assert "files with their SHA-256" in page.locator("details summary").inner_text()
+    assert weights[0].name in page.locator("details").text_content()
