@@ -56,9 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tiers", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short workloads (a few minutes)")
     parser.add_argument("--out", type=Path, help=f"where the result JSON goes (default {DEFAULT_OUT})")
-    parser.add_argument("--section", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     parser.add_argument(
-        "--long-context", nargs="?", type=int, const=1_000_000, metavar="TOKENS",
+        "--section", action="append", choices=SECTIONS, help="run only this section (repeatable)"
+    )
+    parser.add_argument(
+        "--long-context",
+        nargs="?",
+        type=int,
+        const=1_000_000,
+        metavar="TOKENS",
         help="run only the long-context benchmark (default 1,000,000 tokens)",
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

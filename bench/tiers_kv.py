@@ -8,9 +8,11 @@ third of those pages and host memory and a disk file behind it. It reports
   (target at least 0.40);
 - kv_throughput_ratio: tiered over untiered output tokens/s on the whole workload, prefill included
   (median of interleaved rounds; target at least 0.90), with the tiers' counters;
-- on a Qwen3-MoE, the same two for Citadel's whole-page tiers, and transformers' generate() with
+- on a Qwen3-MoE, the same two for Citadel's whole-page tiers (every page of a step on the device:
+  the saving comes from running fewer sequences at once), and transformers' generate() with
   `cache_implementation="offloaded"` against its default cache on the same model
-  (hf_offloaded_throughput_ratio): transformers' offloaded KV cache keeps one layer on the device.
+  (hf_offloaded_throughput_ratio; transformers' offloaded cache needs a CUDA device, so on a CPU
+  it is reported as not applicable, with transformers' reason).
 
 `long_context()` (python -m bench.tiers --long-context) prefills and decodes one very long prompt
 on a long-context variant of models/demo-v4 (`long_context_checkpoint`: its config allows more
@@ -24,7 +26,9 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,7 +86,7 @@ def compare_engine(folder, prompts, output: int, settings: dict, rounds: int, wo
 
     slots, page, pages = _needed(folder, prompts, output, settings)
     device_pages = max(int(pages * DEVICE_SHARE), 1)
-    untiered_bytes = slots + (pages + 1) * page
+    untiered_bytes = slots + (pages + settings["max_num_seqs"] + 1) * page  # a page of slack per sequence
     tiered_settings = dict(
         kv_device_bytes=slots + (device_pages + 1) * page,
         kv_host_bytes=(pages // 3 + 1) * page,
@@ -172,25 +176,30 @@ def compare_transformers_offloaded(folder: Path, prompts, output: int, rounds: i
 
 def run(quick: bool) -> dict:
     """The KV section's results (keys merged into bench.tiers' JSON line)."""
-    import torch
-
-    from inference.loader import load_tokenizer  # noqa: F401 (fail early if the package is broken)
-
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-tiers-kv-") as tmp:
         workdir = Path(tmp)
         v4_prompts = _prompts(8 if quick else 24, (500, 900), 1000)
         v4 = compare_engine(
-            DEMO_V4, v4_prompts, 16 if quick else 32,
-            dict(max_num_seqs=8, max_num_batched_tokens=512), rounds, workdir,
+            DEMO_V4,
+            v4_prompts,
+            16 if quick else 32,
+            dict(max_num_seqs=8, max_num_batched_tokens=512),
+            rounds,
+            workdir,
         )
         qwen_folder = build_qwen3_moe_checkpoint(
             workdir / "qwen3-moe", {**QWEN3_MOE_TIMING, "num_hidden_layers": 2 if quick else 8}
         )
-        qwen_prompts = _prompts(6 if quick else 16, (200, 400), 1000, seed=1)
+        vocab = json.loads((qwen_folder / "config.json").read_text())["vocab_size"]
+        qwen_prompts = _prompts(6 if quick else 16, (200, 400), vocab, seed=1)
         qwen = compare_engine(
-            qwen_folder, qwen_prompts, 16 if quick else 32,
-            dict(max_num_seqs=8, max_num_batched_tokens=512), rounds, workdir,
+            qwen_folder,
+            qwen_prompts,
+            16 if quick else 32,
+            dict(max_num_seqs=8, max_num_batched_tokens=512),
+            rounds,
+            workdir,
         )
         hf = compare_transformers_offloaded(qwen_folder, qwen_prompts[:3], 8 if quick else 16, rounds)
     return {
@@ -204,7 +213,22 @@ def run(quick: bool) -> dict:
     }
 
 
-def long_context(tokens: int, output: int = 8, device_fraction: float = 0.1, chunk: int | None = None) -> dict:
+def _report_progress(llm, tokens: int, done: threading.Event, every: float = 60.0) -> None:
+    """A line on stderr every `every` seconds: how far the prefill is, and the tiers' bytes."""
+    started = time.perf_counter()
+    while not done.wait(every):
+        stats = llm.stats()
+        line = {
+            "elapsed_s": round(time.perf_counter() - started),
+            "prefilled": f"{stats['prefill_tokens']}/{tokens}",
+            **{k: stats[k] for k in ("kv_device_bytes", "kv_host_bytes", "kv_disk_bytes") if k in stats},
+        }
+        print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+def long_context(
+    tokens: int, output: int = 8, device_fraction: float = 0.1, chunk: int | None = None
+) -> dict:
     """One `tokens`-token prompt on the long-context demo variant, device tier at `device_fraction` of its KV."""
     import torch
 
@@ -212,7 +236,9 @@ def long_context(tokens: int, output: int = 8, device_fraction: float = 0.1, chu
     from inference.engine.block_manager import BlockManager
 
     with tempfile.TemporaryDirectory(prefix="bench-tiers-long-") as tmp:
-        folder = long_context_checkpoint(Path(tmp) / "demo-v4-long", 1 << max(tokens + output + 64, 1).bit_length())
+        folder = long_context_checkpoint(
+            Path(tmp) / "demo-v4-long", 1 << max(tokens + output + 64, 1).bit_length()
+        )
         chunk = chunk or min(2048, max(256, tokens // 40))  # the device tier must hold a chunk's new pages
         settings = dict(max_num_seqs=1, max_num_batched_tokens=chunk)
         probe = LLM(folder, device="cpu", dtype="float32", kv_cache_memory=1 << 24, **settings)
@@ -229,17 +255,22 @@ def long_context(tokens: int, output: int = 8, device_fraction: float = 0.1, chu
         )
         prompt = torch.randint(7, 1000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
         llm = LLM(folder, device="cpu", dtype="float32", **settings, **budgets)
+        done = threading.Event()
+        threading.Thread(target=_report_progress, args=(llm, tokens, done), daemon=True).start()
         try:
             started = time.perf_counter()
             first = None
             generated = []
-            for event in llm.stream(prompt, SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)):
+            for event in llm.stream(
+                prompt, SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
+            ):
                 if first is None:
                     first = time.perf_counter() - started
                 generated += event.token_ids
             total = time.perf_counter() - started
             stats = llm.stats()
         finally:
+            done.set()
             llm.close()
     return {
         "long_context_tokens": tokens,

@@ -73,7 +73,9 @@ class KVTiers:
             folder = Path(disk_path)
             folder.mkdir(parents=True, exist_ok=True)
             self.disk_file = folder / f"kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
-            self._memmap = np.memmap(self.disk_file, dtype=np.uint8, mode="w+", shape=(disk_pages, self.page_bytes))
+            self._memmap = np.memmap(
+                self.disk_file, dtype=np.uint8, mode="w+", shape=(disk_pages, self.page_bytes)
+            )
             self.pools[DISK] = torch.from_numpy(self._memmap)
             # Unlinked at once: the mapping keeps the space until the engine goes, and a crashed
             # process leaves no file behind.
@@ -92,10 +94,18 @@ class KVTiers:
         """Per tier, logical page -> uses, least recently used first."""
         self.peak = {t: 0 for t in self.capacity}
         self.counters = dict.fromkeys(
-            ("kv_tier_hits", "kv_tier_misses", "kv_prefetch_hits", "kv_prefetch_misses", "kv_evictions",
-             "kv_bytes_transferred"), 0,
+            (
+                "kv_tier_hits",
+                "kv_tier_misses",
+                "kv_prefetch_hits",
+                "kv_prefetch_misses",
+                "kv_evictions",
+                "kv_bytes_transferred",
+            ),
+            0,
         )
         self._fetched: set[int] = set()  # pages the running step fetched while it ran
+        self._in_flight = False  # device-to-host copies the CPU has not waited for (GPU only)
 
     # -- the runner's calls --------------------------------------------------------------------
 
@@ -148,7 +158,8 @@ class KVTiers:
         logical = (-1 - pages[missing]).cpu().numpy()
         rows = offsets.expand_as(pages)[missing].cpu().numpy()
         tiers, index = self.tier[logical], self.index[logical]
-        fetched = torch.zeros((len(logical), *out.shape[pages.dim():]), dtype=out.dtype, device=out.device)
+        fetched = torch.zeros((len(logical), *out.shape[pages.dim() :]), dtype=out.dtype, device=out.device)
+        self._settle()
         for tier in (HOST, DISK):
             take = np.nonzero(tiers == tier)[0]
             if len(take):
@@ -239,11 +250,20 @@ class KVTiers:
         if not self.free[lower]:
             self._evict(lower, pinned)
         slot = self.free[lower].pop()
+        if tier == HOST:
+            self._settle()  # the CPU reads the host page: its copy from the device must have landed
         self.pools[lower][slot].copy_(self.pools[tier][int(self.index[victim])], non_blocking=True)
+        self._in_flight = self._in_flight or (tier == DEVICE and self.device.type == "cuda")
         self._release(victim, tier)
         self._place(victim, lower, slot)
         self.counters["kv_evictions"] += 1
         self.counters["kv_bytes_transferred"] += self.page_bytes
+
+    def _settle(self) -> None:
+        """Wait for asynchronous device-to-host copies before the CPU reads host pages (GPU only)."""
+        if self._in_flight:
+            torch.cuda.current_stream(self.device).synchronize()
+            self._in_flight = False
 
     def _place(self, page: int, tier: int, slot: int) -> None:
         self.tier[page], self.index[page] = tier, slot

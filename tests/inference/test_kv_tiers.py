@@ -47,7 +47,9 @@ def assert_same_results(expected, got) -> None:
 
 def tier_budgets(folder, pages: tuple[int, int, int], disk: Path, max_num_seqs: int, **settings) -> dict:
     """kv_*_bytes that give the device, host and disk tiers these many pages (slots come first)."""
-    probe = LLM(folder, device="cpu", dtype="float32", max_num_seqs=max_num_seqs, kv_cache_memory=1 << 24, **settings)
+    probe = LLM(
+        folder, device="cpu", dtype="float32", max_num_seqs=max_num_seqs, kv_cache_memory=1 << 24, **settings
+    )
     runner = probe._loop.engine.runner
     page, slots = runner.cache.page_bytes, runner.cache.slots.numel()
     probe.close()
@@ -68,10 +70,30 @@ def qwen_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 CASES = {
     # name: (vocab, prompt lengths, (device, host, disk) pages, engine settings)
-    "demo-v4": (1000, [900, 150, 700, 40, 800, 600, 1000, 333], (14, 10, 400), dict(max_num_batched_tokens=128)),
-    "tiny-v4": (640, [200, 31, 150, 90, 250, 7, 180], (16, 6, 300), dict(max_num_batched_tokens=64, block_size=4)),
-    "second-v4": (96, [200, 31, 150, 90, 250, 7, 180], (20, 6, 300), dict(max_num_batched_tokens=64, block_size=4)),
-    "qwen3-moe": (640, [120, 31, 90, 64, 100, 7, 110], (40, 10, 300), dict(max_num_batched_tokens=64, block_size=4)),
+    "demo-v4": (
+        1000,
+        [900, 150, 700, 40, 800, 600, 1000, 333],
+        (14, 10, 400),
+        dict(max_num_batched_tokens=128),
+    ),
+    "tiny-v4": (
+        640,
+        [200, 31, 150, 90, 250, 7, 180],
+        (16, 6, 300),
+        dict(max_num_batched_tokens=64, block_size=4),
+    ),
+    "second-v4": (
+        96,
+        [200, 31, 150, 90, 250, 7, 180],
+        (20, 6, 300),
+        dict(max_num_batched_tokens=64, block_size=4),
+    ),
+    "qwen3-moe": (
+        640,
+        [120, 31, 90, 64, 100, 7, 110],
+        (40, 10, 300),
+        dict(max_num_batched_tokens=64, block_size=4),
+    ),
 }
 
 
@@ -92,7 +114,9 @@ def test_tiered_kv_gives_the_untiered_tokens_and_logprobs_with_every_tier_holdin
     untiered = LLM(folder, device="cpu", dtype="float32", **settings)
     expected = untiered.generate(prompts, GREEDY)
     untiered.close()
-    tiered = LLM(folder, device="cpu", dtype="float32", **tier_budgets(folder, pages, tmp_path, 4, **settings))
+    tiered = LLM(
+        folder, device="cpu", dtype="float32", **tier_budgets(folder, pages, tmp_path, 4, **settings)
+    )
     got = tiered.generate(prompts, GREEDY)
     stats = tiered.stats()
     tiered.close()
@@ -135,17 +159,25 @@ def test_a_long_prompt_runs_with_the_device_tier_at_a_tenth_of_its_kv(tmp_path):
     needed = runner.block_manager.pages_for(20_003) * runner.cache.page_bytes
     untiered.close()
     budgets = dict(
-        kv_device_bytes=runner.cache.slots.numel() + needed // 10, kv_host_bytes=needed // 4,
-        kv_disk_bytes=needed, kv_disk_path=str(tmp_path / "disk"),
+        kv_device_bytes=runner.cache.slots.numel() + needed // 10,
+        kv_host_bytes=needed // 4,
+        kv_disk_bytes=needed,
+        kv_disk_path=str(tmp_path / "disk"),
     )
     tiered = LLM(folder, device="cpu", dtype="float32", **settings, **budgets)
     got = tiered.generate(prompt, params)
     stats = tiered.stats()
     tiered.close()
     assert got[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
-    assert max(
-        abs(a - b) for a, b in zip(chosen_logprobs_sampled(expected[0]), chosen_logprobs_sampled(got[0]), strict=True)
-    ) <= 1e-4
+    assert (
+        max(
+            abs(a - b)
+            for a, b in zip(
+                chosen_logprobs_sampled(expected[0]), chosen_logprobs_sampled(got[0]), strict=True
+            )
+        )
+        <= 1e-4
+    )
     assert stats["kv_device_peak_bytes"] <= needed // 10
     assert stats["kv_host_peak_bytes"] > 0 and stats["kv_disk_peak_bytes"] > 0
     assert stats["kv_prefetch_misses"] > 0  # entries were fetched from slower tiers while steps ran
