@@ -61,4 +61,11 @@ urlpatterns = [
     path("residency/policies/new/", views_residency.policy_new, name="residency-policy-new"),
     path("residency/policies/<int:pk>/edit/", views_residency.policy_edit, name="residency-policy-edit"),
     path("residency/policies/<int:pk>/delete/", views_residency.policy_delete, name="residency-policy-delete"),
+    path("residency/sites/new/", views_residency.site_new, name="residency-site-new"),
+    path("residency/sites/<int:pk>/edit/", views_residency.site_edit, name="residency-site-edit"),
+    path("residency/sites/<int:pk>/delete/", views_residency.site_delete, name="residency-site-delete"),
+    path("residency/data-classes/new/", views_residency.data_class_new, name="residency-data-class-new"),
+    path("residency/data-classes/<int:pk>/edit/", views_residency.data_class_edit, name="residency-data-class-edit"),
+    path("residency/data-classes/<int:pk>/delete/", views_residency.data_class_delete,
+         name="residency-data-class-delete"),
 ]

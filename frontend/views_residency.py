@@ -14,6 +14,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import urlencode
+from django.utils.text import slugify
 
 from citadel.accounts.models import Team
 from citadel.accounts.permissions import OVERSIGHT_ROLES, is_platform_admin, role_required, team_ids
@@ -176,3 +177,138 @@ def policy_delete(request, pk: int):
         services.policy_delete(policy=policy, actor=Actor.for_user(request.user), request=request)
         return _back(f"Deleted policy {pk}")
     return render(request, "frontend/residency_admin/policy_delete.html", {"policy": policy})
+
+
+# Sites and data classes ----------------------------------------------------------------------------------
+
+SITE_FIELDS = ("name", "region", "jurisdiction", "storage_path", "description")
+CLASS_FIELDS = ("name", "rank", "description", "audit_retention_days")
+FIELD_LABELS = {
+    "name": ("Name", ""), "region": ("Region", "e.g. eu-central, Frankfurt DC2."),
+    "jurisdiction": ("Jurisdiction", "The legal area, e.g. EU, DE, US; 'unspecified' matches no rule by "
+                                     "jurisdiction, only policies that name the site."),
+    "storage_path": ("Storage path", "Where files stored at this site live."),
+    "description": ("Description", ""),
+    "rank": ("Rank", "Sensitivity: higher is more sensitive; a request may raise its class, never lower it."),
+    "audit_retention_days": ("Audit retention (days)", "Keep audit records about this class this long; 0: "
+                                                       "forever; empty: the platform's default."),
+}
+
+
+def _site(pk: int) -> Site:
+    site = Site.objects.filter(pk=pk).first()
+    if site is None:
+        raise Http404(f"No site {pk}.")
+    return site
+
+
+def _data_class(pk: int) -> DataClass:
+    data_class = DataClass.objects.filter(pk=pk).first()
+    if data_class is None:
+        raise Http404(f"No data class {pk}.")
+    return data_class
+
+
+def _edit_form(request, *, kind: str, obj, fields: tuple, clean, save):
+    """GET shows the form (filled from `obj` when editing); POST cleans it, saves through the residency
+    service and goes back to the overview, or shows each refusal next to its field."""
+    errors, status = {}, 200
+    if request.method == "POST":
+        values = {name: request.POST.get(name, "").strip() for name in fields}
+        changes = clean(values, errors)
+        if not errors:
+            try:
+                saved = save(changes)
+                return _back(f"Saved {kind} {saved.name}")
+            except CitadelError as error:
+                errors[error.param or "name"] = error.message
+        status = 400
+    else:
+        values = {name: "" if obj is None or getattr(obj, name) is None else str(getattr(obj, name))
+                  for name in fields}
+        if obj is None and kind == "site":
+            values["jurisdiction"] = "unspecified"
+    rows = [{"name": name, "label": FIELD_LABELS[name][0], "help": FIELD_LABELS[name][1], "value": values[name],
+             "error": errors.get(name)} for name in fields]
+    return render(request, "frontend/residency_admin/object_form.html", {
+        "kind": kind, "obj": obj, "rows": rows, "errors": errors}, status=status)
+
+
+def _clean_site(values: dict, errors: dict) -> dict:
+    return dict(values)
+
+
+def _clean_class(values: dict, errors: dict) -> dict:
+    changes = {"name": values["name"].lower(), "description": values["description"]}
+    if not changes["name"] or slugify(changes["name"]) != changes["name"]:
+        errors["name"] = "name must be a slug: lower-case letters, digits, '-' and '_' (e.g. phi, pci-cards)."
+    for name, empty in (("rank", "rank must be a whole number: higher is more sensitive."),
+                        ("audit_retention_days", None)):
+        if not values[name]:
+            if empty:
+                errors[name] = empty
+            changes[name] = None
+            continue
+        if not values[name].isdigit():
+            errors[name] = f"{name} must be a whole number of 0 or more."
+        else:
+            changes[name] = int(values[name])
+    return changes
+
+
+@role_required(PLATFORM_ADMINS)
+def site_new(request):
+    actor = Actor.for_user(request.user)
+    return _edit_form(request, kind="site", obj=None, fields=SITE_FIELDS, clean=_clean_site,
+                      save=lambda c: services.site_create(actor=actor, request=request, **c))
+
+
+@role_required(PLATFORM_ADMINS)
+def site_edit(request, pk: int):
+    site, actor = _site(pk), Actor.for_user(request.user)
+    return _edit_form(request, kind="site", obj=site, fields=SITE_FIELDS, clean=_clean_site,
+                      save=lambda c: services.site_update(site=site, actor=actor, request=request, **c))
+
+
+@role_required(PLATFORM_ADMINS)
+def data_class_new(request):
+    actor = Actor.for_user(request.user)
+    return _edit_form(request, kind="data class", obj=None, fields=CLASS_FIELDS, clean=_clean_class,
+                      save=lambda c: services.data_class_create(actor=actor, request=request, **c))
+
+
+@role_required(PLATFORM_ADMINS)
+def data_class_edit(request, pk: int):
+    data_class, actor = _data_class(pk), Actor.for_user(request.user)
+    return _edit_form(request, kind="data class", obj=data_class, fields=CLASS_FIELDS, clean=_clean_class,
+                      save=lambda c: services.data_class_update(data_class=data_class, actor=actor, request=request,
+                                                                **c))
+
+
+def _delete(request, *, kind: str, obj, delete, consequence: str):
+    error = None
+    if request.method == "POST":
+        try:
+            delete()
+            return _back(f"Deleted {kind} {obj.name}")
+        except CitadelError as failure:
+            error = failure.message
+    return render(request, "frontend/residency_admin/object_delete.html", {
+        "kind": kind, "obj": obj, "error": error, "consequence": consequence}, status=409 if error else 200)
+
+
+@role_required(PLATFORM_ADMINS)
+def site_delete(request, pk: int):
+    site = _site(pk)
+    return _delete(request, kind="site", obj=site, consequence="Policies that name it no longer allow it.",
+                   delete=lambda: services.site_delete(site=site, actor=Actor.for_user(request.user),
+                                                       request=request))
+
+
+@role_required(PLATFORM_ADMINS)
+def data_class_delete(request, pk: int):
+    data_class = _data_class(pk)
+    return _delete(request, kind="data class", obj=data_class,
+                   consequence="Keys and policies can no longer name it.",
+                   delete=lambda: services.data_class_delete(data_class=data_class,
+                                                             actor=Actor.for_user(request.user), request=request))

@@ -50,7 +50,10 @@ ACCESS = {
     "audit": perms.OVERSIGHT_ROLES, "audit-record": perms.OVERSIGHT_ROLES, "audit-verify": perms.OVERSIGHT_ROLES,
     "audit-export": perms.OVERSIGHT_ROLES, "residency-admin": perms.OVERSIGHT_ROLES,
     "residency-policy-new": PLATFORM_ADMINS, "residency-policy-edit": PLATFORM_ADMINS,
-    "residency-policy-delete": PLATFORM_ADMINS,
+    "residency-policy-delete": PLATFORM_ADMINS, "residency-site-new": PLATFORM_ADMINS,
+    "residency-site-edit": PLATFORM_ADMINS, "residency-site-delete": PLATFORM_ADMINS,
+    "residency-data-class-new": PLATFORM_ADMINS, "residency-data-class-edit": PLATFORM_ADMINS,
+    "residency-data-class-delete": PLATFORM_ADMINS,
 }
 # What a permitted request may answer besides 200: a redirect (home; a form posted back to its page),
 # 400 for the empty form the walk posts to a POST-only page, or 404 for an object that form names.
@@ -105,6 +108,10 @@ MAKERS = {
     "audit-record": lambda w: {"sequence": AuditRecord.objects.order_by("sequence").first().sequence},
     "residency-policy-edit": lambda w: {"pk": w.policy.pk},
     "residency-policy-delete": lambda w: {"pk": w.policy.pk},
+    "residency-site-edit": lambda w: {"pk": w.site.pk},
+    "residency-site-delete": lambda w: {"pk": w.site.pk},
+    "residency-data-class-edit": lambda w: {"pk": w.internal.pk},
+    "residency-data-class-delete": lambda w: {"pk": w.internal.pk},
 }
 
 

@@ -15,7 +15,7 @@ from citadel.accounts.services import membership_set
 from citadel.audit.models import AuditRecord
 from citadel.audit.services import Actor
 from citadel.registry.services import pool_create
-from citadel.residency.models import DataClass, Policy
+from citadel.residency.models import DataClass, Policy, Site
 from citadel.residency.services import policy_create, site_create
 
 pytestmark = pytest.mark.django_db
@@ -169,3 +169,67 @@ def test_an_auditor_cannot_open_or_post_the_editor(world):
 def test_the_dry_run_page_still_answers_beside_the_editor(world):
     page = signed_in(world["root"]).get("/residency/")
     assert page.status_code == 200 and 'id="dry-run"' in text(page)
+
+
+# Sites and data classes ----------------------------------------------------------------------------------
+
+def test_a_platform_administrator_creates_edits_and_deletes_a_site_each_audited(world):
+    root = signed_in(world["root"])
+    assert 'id="new-site"' in text(root.get(ADMIN_PAGE))
+    created = root.post("/residency/sites/new/", {"name": "paris", "jurisdiction": "FR", "region": "eu-west"})
+    assert created.status_code == 302 and "Saved+site+paris" in created["Location"]
+    paris = Site.objects.get(name="paris")
+    assert (paris.jurisdiction, paris.region) == ("FR", "eu-west")
+    assert AuditRecord.objects.get(action="residency.site.create", target_id="paris").actor_label == "root"
+    edit = f"/residency/sites/{paris.pk}/edit/"
+    assert 'value="FR"' in text(root.get(edit))
+    assert root.post(edit, {"name": "paris", "jurisdiction": "EU", "region": "eu-west"}).status_code == 302
+    record = AuditRecord.objects.get(action="residency.site.update", target_id="paris")
+    assert (record.details["before"]["jurisdiction"], record.details["after"]["jurisdiction"]) == ("FR", "EU")
+    delete = f"/residency/sites/{paris.pk}/delete/"
+    assert 'id="confirm-delete"' in text(root.get(delete))
+    assert root.post(delete).status_code == 302
+    assert AuditRecord.objects.filter(action="residency.site.delete", target_id="paris").exists()
+
+
+def test_site_refusals_are_shown_next_to_their_fields(world):
+    root = signed_in(world["root"])
+    empty = root.post("/residency/sites/new/", {"name": "", "jurisdiction": "EU"})
+    assert empty.status_code == 400 and 'id="error-name" role="alert">name must not be empty.' in text(empty)
+    taken = root.post("/residency/sites/new/", {"name": "frankfurt", "jurisdiction": "DE"})
+    assert "A site named &#x27;frankfurt&#x27; already exists." in text(taken)
+    blank = root.post("/residency/sites/new/", {"name": "oslo", "jurisdiction": ""})
+    assert 'id="error-jurisdiction" role="alert">jurisdiction must not be empty' in text(blank)
+    in_use = root.post(f"/residency/sites/{world['frankfurt'].pk}/delete/")
+    assert in_use.status_code == 409 and "still has worker pools (gpu-fra)" in text(in_use)
+    assert root.get("/residency/sites/999999/edit/").status_code == 404
+
+
+def test_a_platform_administrator_manages_data_classes_and_built_ins_keep_their_names(world):
+    root = signed_in(world["root"])
+    created = root.post("/residency/data-classes/new/", {"name": "phi", "rank": "40", "audit_retention_days": "3650"})
+    assert created.status_code == 302
+    phi = DataClass.objects.get(name="phi")
+    assert (phi.rank, phi.audit_retention_days) == (40, 3650)
+    assert AuditRecord.objects.filter(action="residency.data_class.create", target_id="phi").exists()
+    bad = root.post("/residency/data-classes/new/", {"name": "Health Data", "rank": "high"})
+    assert bad.status_code == 400
+    assert 'id="error-name" role="alert">name must be a slug' in text(bad)
+    assert 'id="error-rank" role="alert">rank must be a whole number' in text(bad)
+    internal = DataClass.objects.get(name="internal")
+    renamed = root.post(f"/residency/data-classes/{internal.pk}/edit/", {"name": "inside", "rank": "10"})
+    assert "is a built-in data class and keeps its name" in text(renamed)
+    in_use = root.post(f"/residency/data-classes/{internal.pk}/delete/")
+    assert in_use.status_code == 409 and "built-in data class and cannot be deleted" in text(in_use)
+    assert root.post(f"/residency/data-classes/{phi.pk}/delete/").status_code == 302
+    assert not DataClass.objects.filter(name="phi").exists()
+
+
+@pytest.mark.parametrize("name", ["audrey", "otto", "lead"])
+def test_only_platform_administrators_change_sites_and_data_classes(world, name):
+    client = signed_in(world[name])
+    for url in ("/residency/sites/new/", f"/residency/sites/{world['virginia'].pk}/edit/",
+                "/residency/data-classes/new/"):
+        assert client.get(url).status_code == 403, url
+    assert client.post(f"/residency/sites/{world['virginia'].pk}/delete/").status_code == 403
+    assert Site.objects.filter(name="virginia").exists()
