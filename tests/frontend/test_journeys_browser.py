@@ -16,6 +16,7 @@ No page may trip the Content-Security-Policy: every journey fails on a CSP repor
 Screenshots of the main pages go to var/screenshots/ (git-ignored).
 """
 
+import http.client
 import json
 import os
 import shutil
@@ -155,6 +156,9 @@ def api(journey, path: str, body: dict | None = None, key: str | None = None):
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+    except http.client.IncompleteRead as error:  # the server ended the stream early: say why, from its logs
+        pytest.fail(f"{path}: the answer broke off after {len(error.partial)} bytes ({error.partial[-200:]!r});"
+                    f" the stack's logs:\n{journey.stack.log_tail()}")
 
 
 def test_a_team_admin_creates_a_key_shown_once_chats_and_sees_where_the_answer_ran(page, journey):
