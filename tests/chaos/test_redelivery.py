@@ -6,6 +6,7 @@ redelivered message finds the job running under a live lease and is acknowledged
 it. The job's start and completion are each recorded once, and it ran on one attempt."""
 
 import time
+import uuid
 
 import pytest
 
@@ -35,7 +36,7 @@ def test_a_job_longer_than_the_brokers_redelivery_timeout_runs_once(chaos_stack,
     assert effects["completions"] == [("success",)] and len(effects["models"]) == 1, effects
     # The broker did hand the message out again, and the worker that got it ran nothing.
     logs = "".join(path.read_text(errors="replace") for path in chaos_stack.logs().glob("chaos-*.log"))
-    redelivered = logs.count(f"fine-tuning job {job_id} is not queued any more")
+    redelivered = logs.count(f"fine-tuning job {uuid.UUID(job_id)} is not queued any more")
     assert redelivered >= 1, f"no redelivery seen in {time.monotonic() - started:.0f} s:\n{chaos_stack.log_tail()}"
     print(f"\nCHAOS redelivery broker={broker} job_ran={float(ran):.0f}s timeout={timeout}s "
           f"redelivered={redelivered} attempts={attempts}")
