@@ -59,6 +59,14 @@ def test_starting_a_totp_enrolment_works_outside_a_test_transaction_as_on_a_live
     assert response.status_code == 201 and response.json()["secret"]
 
 
+def test_starting_a_totp_enrolment_again_replaces_the_unconfirmed_secret(admin):
+    """The second start saved update_fields=["secret"], a property, not a column: a 500."""
+    first = admin.post("/api/v1/me/totp/").json()["secret"]
+    again = admin.post("/api/v1/me/totp/")
+    assert again.status_code == 201 and again.json()["secret"] != first
+    assert admin.get("/api/v1/me/totp/").json()["enrolled"] is False
+
+
 def test_the_management_schema_marks_fields_that_can_be_null_as_nullable(admin):
     schemas = admin.get("/api/schema/", {"format": "json"}).json()["components"]["schemas"]
     assert schemas["ApiKeyOutput"]["properties"]["team"].get("nullable") is True

@@ -59,7 +59,7 @@ def totp_enrol_start(*, user, request=None) -> TotpDevice:
         device = TotpDevice.objects.create(user=user, secret=secret)
     else:
         device.secret, device.last_step = secret, 0
-        device.save(update_fields=["secret", "last_step"])
+        device.save(update_fields=["secret_encrypted", "last_step"])
     audit_record(actor=Actor.for_user(user), action="user.totp.enrol_start", outcome="success", target_type="user",
                  target_id=user.get_username(), request=request)
     return device
