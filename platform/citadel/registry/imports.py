@@ -9,7 +9,8 @@ the form, or a SHA256SUMS file in the folder), and the model is registered with 
 (model_register, audited). The import's end is audited as model.import, success or failure.
 
 Idempotent: a redelivered message for a finished import does nothing; one for an import that a dead
-worker left half-way hashes again from the start (hashing has no side effects).
+worker left half-way hashes again from the start (hashing has no side effects), and of two deliveries
+running at once only the first to finish records its outcome.
 """
 
 import fnmatch
@@ -146,6 +147,12 @@ def _compare(manifest: dict[str, str], expected: dict[str, str]) -> None:
                              param="checksums")
 
 
+def _finished_elsewhere(import_id: int) -> bool:
+    """Lock the import; True when another delivery of its message finished it meanwhile (a long hash
+    can outlast the broker's redelivery timeout), so this one records nothing."""
+    return ModelImport.objects.select_for_update().get(pk=import_id).status in ModelImport.TERMINAL
+
+
 def model_import_run(*, import_id: int, worker_name: str = "") -> ModelImport | None:
     """The worker's part; returns the finished import (None when there was nothing to do)."""
     from citadel.registry.services import model_register
@@ -163,6 +170,8 @@ def model_import_run(*, import_id: int, worker_name: str = "") -> ModelImport | 
         if expected:
             _compare(manifest, expected)
         with transaction.atomic():
+            if _finished_elsewhere(started.pk):
+                return None
             model = model_register(name=started.name, path=started.path, actor=_actor_of(started),
                                    description=started.description, manifest=manifest)
             ModelImport.objects.filter(pk=started.pk).update(
@@ -175,6 +184,8 @@ def model_import_run(*, import_id: int, worker_name: str = "") -> ModelImport | 
     except (CitadelError, OSError) as error:
         message = error.message if isinstance(error, CitadelError) else f"{folder}: {error}"
         with transaction.atomic():
+            if _finished_elsewhere(started.pk):
+                return None
             ModelImport.objects.filter(pk=started.pk).update(status=ModelImport.Status.FAILED, error=message,
                                                              finished_at=timezone.now())
             audit_record(actor=_actor_of(started), action="model.import", outcome="failure", target_type="model",
