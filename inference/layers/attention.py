@@ -30,9 +30,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k and v [T, Hkv, D] of this step's tokens -> attention output [T, Hq, D]."""
     tables = ctx.groups[group]
-    cache[tables.slot_pages, tables.slot_offsets] = torch.stack((k, v), dim=1).to(cache.dtype)
-    out = torch.empty_like(q)
+    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]
+    cache[tables.slot_pages, tables.slot_offsets] = kv if kv.dtype == cache.dtype else kv.to(cache.dtype)
     nd = ctx.num_decodes
+    if nd == q.shape[0]:  # decodes only (nothing to copy the result into)
+        return _decode(q, cache, tables.block_tables, ctx, scale, sliding_window)
+    out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode(q[:nd], cache, tables.block_tables[:nd], ctx, scale, sliding_window)
     for i in range(nd, ctx.num_seqs):

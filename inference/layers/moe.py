@@ -41,6 +41,8 @@ def moe_dispatch(
     weights and ids [T, k]. Each expert computes down(act(gate(x)) * up(x)).
     """
     num_experts, top_k = w_gate_up.shape[0], ids.shape[1]
+    if x.shape[0] == 1 and not _grouped_mm_available(x, w_gate_up):
+        return _moe_one_token(x, w_gate_up, w_down, weights, ids, act)
     flat_ids = ids.flatten()  # [T * k]
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens ascending within
     token_of = order // top_k  # [T * k]
@@ -61,6 +63,23 @@ def moe_dispatch(
                 start += count
     out = out * weights.flatten()[order][:, None]
     return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def _moe_one_token(x, w_gate_up, w_down, weights, ids, act) -> torch.Tensor:
+    """moe_dispatch for a single token (a batch-of-one decode step), without the grouping machinery.
+
+    The same operations in the same order as the general path, so the same bits: each chosen expert
+    on the [1, H] row in ascending expert order, scaled by its weight, summed from the first.
+    """
+    chosen = ids[0].tolist()
+    scales = weights[0].unbind()
+    out = None
+    for j in sorted(range(len(chosen)), key=chosen.__getitem__):
+        expert = chosen[j]
+        gate, up = F.linear(x, w_gate_up[expert]).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, w_down[expert]) * scales[j]
+        out = y if out is None else out.add_(y)
+    return out
 
 
 def _grouped_mm_available(xs: torch.Tensor, w: torch.Tensor) -> bool:

@@ -39,12 +39,44 @@ class Qwen3MoeAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window  # None unless use_sliding_window
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """(weight [q+k+v, H], bias or None) whose row blocks the q/k/v projections' weights are views of
+        (fuse_qkv): one matmul instead of three while they are plain linears."""
+
+    def fuse_qkv(self) -> None:
+        """Put the loaded q, k and v weights (and biases) in one tensor, each projection keeping a view of its rows.
+
+        No extra memory; LoRA still wraps the three projections by name and FP8 still quantizes each
+        (forward then calls them one by one, and the fused tensor is let go).
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projections:
+            rows = slice(start, start + p.out_features)
+            p.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[rows], requires_grad=False)
+            start = rows.stop
+        self.qkv = (weight, bias)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q [T, Hq * D], k and v [T, Hkv * D]."""
+        if self.qkv is not None:
+            if type(self.q_proj) is nn.Linear and type(self.k_proj) is nn.Linear and type(self.v_proj) is nn.Linear:
+                q_size = self.q_proj.out_features
+                kv_size = self.k_proj.out_features
+                return F.linear(x, *self.qkv).split((q_size, kv_size, kv_size), dim=-1)
+            self.qkv = None  # wrapped (LoRA) or replaced (FP8): the projections own their weights now
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, ctx: ForwardContext, cache: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]  # x [T, H]
-        q = self.q_norm(self.q_proj(x).view(tokens, self.num_heads, self.head_dim))  # [T, Hq, D]
-        k = self.k_norm(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
+        q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))  # [T, Hq, D]
+        k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         out = paged_attention(q, k, v, cache, ctx, KV, self.scale, self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(tokens, -1))
@@ -198,6 +230,8 @@ class Qwen3MoeForCausalLM(nn.Module):
             if "lm_head.weight" in weights:  # some tied checkpoints store the copy anyway
                 weights.get("lm_head.weight")
             self.lm_head.weight = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
 
     def expert_sources(
         self, weights: CheckpointWeights, dtype: torch.dtype, quantization: str | None
