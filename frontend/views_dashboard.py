@@ -4,7 +4,8 @@ Sites, worker pools and workers (alive or stale by heartbeat age, and their load
 is running now), the deployed models, the running jobs (inference, fine-tuning, batches), requests
 and tokens over time drawn as a server-rendered SVG (frontend/charts.py) and the audit chain's status
 (its newest signed checkpoint, checked on the spot; auditors and platform administrators get the
-full Verify button of the audit page).
+full Verify button of the audit page). The workers and jobs sections refresh themselves every 10 s
+(htmx fetches this page and swaps in just that section).
 
 Everyone signed in sees the platform's shape (as GET /api/v1/pools/ and /models/ show it); job lists
 and usage are narrowed to the user's teams by citadel.accounts.permissions.scope and

@@ -81,6 +81,7 @@ def test_workers_show_alive_or_stale_by_heartbeat_with_their_load(world):
     assert 'id="alive-count">1<' in body and "1 stale" in body
     assert "<code>gpu-a</code>" in body and "site-a" in body
     assert '<a href="/models/alpha/">alpha</a>' in body and "live worker" in body
+    assert 'hx-trigger="every 10s" hx-select="#workers"' in body  # the section refreshes itself
 
 
 def test_running_jobs_are_the_users_teams_only(world):
