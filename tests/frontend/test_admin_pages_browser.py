@@ -111,6 +111,11 @@ def test_the_dashboard_shows_the_live_worker_and_the_deployment(page):
     assert "alive" in page.locator("#worker-table").inner_text()
     assert "tiny" in page.locator("#deployed").inner_text()
     assert page.locator("#usage-chart").is_visible()
+    with page.expect_response(lambda r: r.url.endswith("/dashboard/") and r.request.headers.get("hx-request") == "true",
+                              timeout=30_000):
+        pass  # the workers section fetches itself again within 10 s
+    page.wait_for_timeout(500)
+    assert page.locator("#workers").count() == 1 and "alive" in page.locator("#worker-table").inner_text()
     page.set_viewport_size({"width": 380, "height": 800})  # a narrow window: the page still fits its content
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
