@@ -17,6 +17,7 @@ from citadel.jobs.services import job_append_chunk, job_claim, job_fail, job_suc
 from citadel.jobs.tasks import run_inference
 from citadel.registry.services import deployment_create, model_register, pool_create
 from citadel.usage.models import UsageRecord
+from tests.platform import test_batches
 
 pytestmark = pytest.mark.django_db
 
@@ -133,3 +134,30 @@ def test_the_keeper_renews_held_leases_and_marks_one_taken_back_as_lost(job):
     keeper.renew_now()
     assert held.lost.is_set()
     keeper.drop(held)
+
+
+batch_world = test_batches.world  # demo-v4 on b-pool; published batch ids collected, not sent
+
+
+def test_the_lines_of_a_batch_chunk_whose_lease_expired_go_back_to_pending_and_recorded_ones_stay(batch_world):
+    from citadel.batches.models import BatchRequest
+    from citadel.batches.services import lines_claim, lines_record
+    from citadel.jobs.leases import lease_acquire
+
+    response = test_batches.create(batch_world, [test_batches.line(f"l{i}", "Hello") for i in range(4)])
+    batch_id = response.json()["id"].removeprefix("batch_")
+    done = lines_claim(batch_id=batch_id, claim="b-pool@w1#done", limit=2)
+    lines_record(batch_id=batch_id, claim="b-pool@w1#done", results={
+        line.pk: {"text": "ok", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1} for line in done})
+    held = lines_claim(batch_id=batch_id, claim="b-pool@w1#dead", limit=2)
+    lease_acquire(kind="batch", job_id=f"{batch_id}:dead", worker_name="b-pool@w1#dead", attempt=1)
+    assert jobs_reconcile()["batch_lines_released"] == 0  # the lease is live: the chunk is still being worked on
+    expire(f"{batch_id}:dead")
+    assert jobs_reconcile()["batch_lines_released"] == 2
+    statuses = dict(BatchRequest.objects.filter(batch_id=batch_id).values_list("pk", "status"))
+    assert {statuses[line.pk] for line in held} == {"pending"} and {statuses[line.pk] for line in done} == {"succeeded"}
+    assert not JobLease.objects.filter(kind="batch").exists()
+    # The dead claim's late results are refused: the lines are no longer its own.
+    assert lines_record(batch_id=batch_id, claim="b-pool@w1#dead", results={
+        line.pk: {"text": "late", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+        for line in held}) == 0

@@ -27,6 +27,8 @@ from citadel.batches.services import (
 )
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
 from citadel.jobs.engines import engines
+from citadel.jobs.leases import keeper, lease_acquire, lease_release
+from citadel.jobs.models import JobLease
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +94,40 @@ def _feed(llm, batch: Batch, worker: str, stop: threading.Event, *, thread: bool
             lines = lines_claim(batch_id=batch.pk, claim=claim, limit=settings.CITADEL_BATCH_CHUNK_LINES)
             if not lines:
                 return
+            lease = _chunk_lease(batch, claim)
             try:
                 results = _run_chunk(llm, batch, lines)
             except Exception as error:  # the engine failed as a whole: these lines fail, the batch goes on
                 logger.exception("batch %s: a chunk failed", batch.pk)
                 results = {line.pk: {"error": {"code": "engine_error", "message": f"{type(error).__name__}: {error}",
                                                "param": None}} for line in lines}
-            lines_record(batch_id=batch.pk, claim=claim, results=results)
+            finally:
+                if lease is not None:
+                    keeper.drop(lease)
+            lines_record(batch_id=batch.pk, claim=claim, results=results)  # fenced by the claim
+            if lease is not None:
+                lease_release(kind=JobLease.Kind.BATCH, job_id=lease.job_id)
+                if lease.lost.is_set():
+                    return  # this worker was thought dead; leave the batch to the others
     except BaseException:
         stop.set()
         raise
     finally:
         if thread:
             connection.close()
+
+
+def _chunk_lease(batch: Batch, claim: str):
+    """A lease on one claimed chunk (citadel.jobs.leases): if this worker stops renewing it, beat's
+    reconciler puts the chunk's lines back to pending for another worker. None if it could not be
+    written (the lines then wait for citadel.batches.recover, which goes by the worker's heartbeat)."""
+    lease_id = f"{batch.pk.hex}:{claim.rsplit('#', 1)[-1]}"
+    try:
+        lease_acquire(kind=JobLease.Kind.BATCH, job_id=lease_id, worker_name=claim, attempt=1)
+    except Exception:
+        logger.exception("could not take the lease on a chunk of batch %s", batch.pk)
+        return None
+    return keeper.hold(kind=JobLease.Kind.BATCH, job_id=lease_id, attempt=1)
 
 
 @shared_task(name="citadel.batches.run_batch", bind=True, acks_late=True, reject_on_worker_lost=True,

@@ -10,6 +10,8 @@ the job's row and checks the attempt it read (see RELIABILITY.md).
   reply reached the client.
 - Fine-tuning jobs running under an expired lease: handed to the fine-tuning app's recovery
   (back to the queue to resume from the newest checkpoint, or failed after its attempts).
+- Batch chunks (the lines one feeder claimed) under an expired lease: back to pending, for
+  citadel.batches.recover to send the batch out again.
 - Queued inference jobs whose message was sent long ago and not taken: sent again (a lost
   message), failed after a bounded number of sends.
 """
@@ -72,14 +74,29 @@ def _fine_tuning(counts: dict) -> None:
             counts[f"fine_tuning_{outcome}"] += 1
 
 
+def _batch_chunks(counts: dict) -> None:
+    """Lines of a chunk whose lease expired go back to pending; citadel.batches.recover sends the
+    batch out again. Lines already recorded are not touched (only `running` lines of that claim)."""
+    from citadel.batches.models import BatchRequest
+
+    for lease in JobLease.objects.filter(kind=JobLease.Kind.BATCH, expires_at__lt=timezone.now()):
+        released = BatchRequest.objects.filter(status=BatchRequest.Status.RUNNING, worker_name=lease.worker_name) \
+            .update(status=BatchRequest.Status.PENDING, worker_name="", claimed_at=None)
+        lease.delete()
+        if released:
+            logger.warning("%s batch lines of %s back to pending: its lease expired", released, lease.worker_name)
+            counts["batch_lines_released"] += released
+
+
 def jobs_reconcile() -> dict:
     """One sweep; returns what it did, by kind and outcome."""
     from citadel.jobs.services import jobs_redispatch_queued
 
     counts = {"inference_requeued": 0, "inference_failed": 0, "fine_tuning_requeued": 0,
-              "fine_tuning_failed": 0, "inference_resent": 0}
+              "fine_tuning_failed": 0, "inference_resent": 0, "batch_lines_released": 0}
     _inference(counts)
     _fine_tuning(counts)
+    _batch_chunks(counts)
     counts["inference_resent"] = jobs_redispatch_queued(
         older_than=timedelta(seconds=settings.CITADEL_JOB_RESEND_SECONDS),
         max_dispatches=settings.CITADEL_JOB_MAX_DISPATCHES)
