@@ -174,6 +174,16 @@ def compare_transformers_offloaded(folder: Path, prompts, output: int, rounds: i
     }
 
 
+def _without_prefix_cache(settings: dict) -> dict:
+    """Prefix caching off for both engines: the rounds repeat the same prompts, and the untiered
+    engine would reuse their pages (bench/tiers_prefix.py measures that cache on its own)."""
+    from inference.engine import EngineConfig
+
+    if "enable_prefix_caching" in EngineConfig.__dataclass_fields__:
+        return {**settings, "enable_prefix_caching": False}
+    return settings
+
+
 def run(quick: bool) -> dict:
     """The KV section's results (keys merged into bench.tiers' JSON line)."""
     rounds = 1 if quick else 3
@@ -184,7 +194,7 @@ def run(quick: bool) -> dict:
             DEMO_V4,
             v4_prompts,
             16 if quick else 32,
-            dict(max_num_seqs=8, max_num_batched_tokens=512),
+            _without_prefix_cache(dict(max_num_seqs=8, max_num_batched_tokens=512)),
             rounds,
             workdir,
         )
@@ -197,7 +207,7 @@ def run(quick: bool) -> dict:
             qwen_folder,
             qwen_prompts,
             16 if quick else 32,
-            dict(max_num_seqs=8, max_num_batched_tokens=512),
+            _without_prefix_cache(dict(max_num_seqs=8, max_num_batched_tokens=512)),
             rounds,
             workdir,
         )
