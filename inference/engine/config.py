@@ -37,7 +37,8 @@ class EngineConfig:
     kv_disk_bytes: int | None = None
     """Bytes of KV pages in a file under kv_disk_path behind the host tier; None: no disk tier."""
     kv_disk_path: str | None = None
-    """Folder for the disk tier's file (created; the file is removed when the engine closes)."""
+    """Folder for the disk tier's file (created if missing; the file is unlinked as soon as it is mapped, so it
+    never outlives the engine, even a crashed one)."""
     expert_cache_experts: int | None = None
     """Expert tiers (engine/expert_store.py): routed experts per MoE layer kept on the model's device;
     the others wait in host memory or in the checkpoint on disk. None (and no expert_cache_bytes):

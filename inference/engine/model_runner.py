@@ -20,8 +20,8 @@ from .cache import PagedCache
 from .config import EngineConfig
 from .context import ForwardContext, GroupTables
 from .scheduler import ScheduledBatch
-from .tiers import KVTiers
 from .sequence import Sequence
+from .tiers import KVTiers
 
 logger = logging.getLogger(__name__)
 
