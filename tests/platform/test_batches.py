@@ -260,3 +260,49 @@ def test_batches_are_listed_newest_first_with_after_and_limit_and_other_keys_see
                            actor=SYSTEM)
     assert call("get", "/v1/batches", other.key).json()["data"] == []
     assert call("get", f"/v1/batches/{ids[0]}", other.key).status_code == 404
+
+
+def test_a_recorded_chunk_stores_each_lines_result_counters_and_one_usage_record_in_one_go(world):
+    from citadel.batches.services import lines_claim, lines_record
+
+    create(world, [line("a", "Hello"), line("b", "Hi"), line("c", "Hey")])
+    batch = Batch.objects.get()
+    claimed = lines_claim(batch_id=batch.pk, claim="b-pool@w1#1", limit=3)
+    results = {claimed[0].pk: {"text": "a\x00b", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 4},
+               claimed[1].pk: {"error": {"code": "invalid_sampling_params", "message": "no", "param": None}},
+               claimed[2].pk: {"text": "ok", "finish_reason": "stop", "prompt_tokens": 6, "completion_tokens": 2}}
+    assert lines_record(batch_id=batch.pk, claim="b-pool@w1#1", results=results) == 3
+    rows = {r.custom_id: r for r in BatchRequest.objects.all()}
+    assert rows["a"].status == "succeeded" and rows["a"].text == "a\ufffdb"  # PostgreSQL's text refuses NUL
+    assert rows["a"].finish_reason == "length" and rows["a"].error is None and rows["a"].finished_at
+    assert rows["b"].status == "failed" and rows["b"].error["code"] == "invalid_sampling_params"
+    assert (rows["c"].prompt_tokens, rows["c"].completion_tokens) == (6, 2)
+    batch.refresh_from_db()
+    assert (batch.completed, batch.failed, batch.prompt_tokens, batch.completion_tokens) == (2, 1, 11, 6)
+    usage = UsageRecord.objects.get(kind="batch")
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 11, 6)
+    assert lines_record(batch_id=batch.pk, claim="b-pool@w1#1", results=results) == 0  # already recorded
+
+
+def test_one_checker_for_a_whole_file_judges_each_line_as_a_request_of_its_own_would_be_judged():
+    from citadel.batches.lines import BodyChecker, line_parse
+
+    chat = [line("a", "Hi", max_completion_tokens=7), line("b", "Hi"), json.dumps(
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "demo-v4"}}),
+        line("d", "Hi", temperature=9), line("e", "Hi", top_logprobs=2), line("f", "Hello", stop=["x"])]
+    completion = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                              "body": {"model": "demo-v4", "prompt": "Once", **body}})
+                  for cid, body in (("g", {"top_logprobs": 1}), ("h", {}), ("i", {"logprobs": 2}), ("j", {"n": 1}))]
+    parsed = {}
+    for endpoint, lines in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        checker = BodyChecker(endpoint)
+        parsed[endpoint] = [line_parse(number=n, raw=raw.encode(), endpoint=endpoint, checker=checker)
+                            for n, raw in enumerate(lines, start=1)]
+        assert parsed[endpoint] == [line_parse(number=n, raw=raw.encode(), endpoint=endpoint)
+                                    for n, raw in enumerate(lines, start=1)]
+    a, b, c, d, e, f = parsed["/v1/chat/completions"]
+    assert a.payload["sampling"]["max_tokens"] == 7 and b.payload["sampling"].get("max_tokens") != 7
+    assert (c.param, d.param, e.param) == ("body.messages", "body.temperature", "body.logprobs")
+    assert f.payload["sampling"]["stop"] == ["x"] and "stop" not in b.payload["sampling"]
+    g, h, *_ = parsed["/v1/completions"]
+    assert g.param == "body.logprobs" and h.payload["prompt"] == "Once"
