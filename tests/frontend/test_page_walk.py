@@ -16,14 +16,14 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from citadel.accounts import permissions as perms
-from citadel.accounts.models import Role, Team
+from citadel.accounts.models import Team
 from citadel.accounts.services import api_key_create, membership_set
 from citadel.audit.models import AuditRecord
 from citadel.audit.services import Actor, audit_record
 from citadel.jobs.models import InferenceJob
 from citadel.registry.models import ModelImport
 from citadel.registry.services import deployment_create, model_register, pool_create
-from citadel.residency.models import DataClass, Policy
+from citadel.residency.models import DataClass
 from citadel.residency.services import policy_create, site_create
 from frontend.nav import menu_for
 
@@ -43,6 +43,7 @@ ACCESS = {
     "dashboard": ANY, "models": ANY, "model": ANY, "model-import-start": perms.REGISTRY_ROLES,
     "model-import": perms.REGISTRY_ROLES, "model-deploy": perms.REGISTRY_ROLES,
     "deployment-undeploy": perms.REGISTRY_ROLES, "deployment-live": ANY,
+    "deployment-settings": perms.REGISTRY_ROLES,
     "playground": perms.WRITE_ROLES, "playground-stream": perms.WRITE_ROLES, "playground-job": perms.WRITE_ROLES,
     "residency": ANY, "finetuning": ANY, "finetuning-datasets": ANY, "finetuning-upload": perms.USE_ROLES,
     "finetuning-job-new": perms.USE_ROLES, "finetuning-job": ANY, "finetuning-job-live": ANY,
@@ -103,6 +104,7 @@ MAKERS = {
                                                                 pool=w.pool).pk},
     "deployment-undeploy": lambda w: {"pk": w.deployment.pk},
     "deployment-live": lambda w: {"pk": w.deployment.pk},
+    "deployment-settings": lambda w: {"pk": w.deployment.pk},
     "playground-job": lambda w: {"job_id": w.inference_job.pk},
     "finetuning-job": _ft_job, "finetuning-job-live": _ft_job, "finetuning-job-cancel": _ft_job,
     "audit-record": lambda w: {"sequence": AuditRecord.objects.order_by("sequence").first().sequence},
