@@ -40,6 +40,7 @@ urlpatterns = [
     path("models/<str:name>/deploy/", views_models.model_deploy, name="model-deploy"),
     path("deployments/<int:pk>/undeploy/", views_models.deployment_undeploy, name="deployment-undeploy"),
     path("deployments/<int:pk>/live/", views_models.deployment_live, name="deployment-live"),
+    path("deployments/<int:pk>/settings/", views_models.deployment_settings, name="deployment-settings"),
     path("playground/", views.playground, name="playground"),
     path("playground/stream", views.PlaygroundStreamApi.as_view(), name="playground-stream"),
     path("playground/jobs/<uuid:job_id>/", views.playground_job, name="playground-job"),

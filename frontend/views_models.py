@@ -14,6 +14,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.db.models import Q
 from django.http import Http404
 from django.shortcuts import redirect, render
@@ -25,6 +26,7 @@ from citadel.audit.services import Actor
 from citadel.core.exceptions import CitadelError
 from citadel.jobs.models import InferenceJob
 from citadel.registry import services
+from citadel.registry.engine_settings import engine_settings_check
 from citadel.registry.imports import model_import_start
 from citadel.registry.models import Deployment, Model, ModelImport, Worker, WorkerPool
 from citadel.registry.selectors import workers_live
@@ -249,3 +251,40 @@ def deployment_live(request, pk: int):
     return render(request, "frontend/models/_live.html", {
         "row": {"deployment": deployment, "workers": workers, **_live_state(deployment, workers, fresh_since)},
         "live_url": reverse("frontend:deployment-live", args=[deployment.pk])})
+
+
+def _form_values_of(engine_settings: dict) -> dict:
+    """The deploy form's fields filled from stored settings (the rest as a JSON object)."""
+    values = {name: "" if engine_settings.get(name) is None else str(engine_settings[name]) for name in FORM_SETTINGS}
+    extra = {k: v for k, v in engine_settings.items() if k not in FORM_SETTINGS}
+    values["extra_settings"] = json.dumps(extra) if extra else ""
+    return values
+
+
+@role_required(REGISTRY_ROLES)
+def deployment_settings(request, pk: int):
+    """Change a deployment's engine settings: the deployment is retired and the model deployed again on
+    the same pool with the new settings, in one transaction (both audited); workers load the engine
+    with the new settings on the next request."""
+    deployment = _deployment(pk)
+    if deployment.status != Deployment.Status.ACTIVE:
+        raise Http404(f"Deployment {pk} is retired; deploy the model again instead.")
+    values, errors, status = _form_values_of(deployment.engine_settings or {}), {}, 200
+    if request.method == "POST":
+        values = {key: request.POST.get(key, "") for key in ("extra_settings", *FORM_SETTINGS)}
+        engine_settings, errors = engine_settings_from_form(request.POST)
+        if not errors:
+            try:
+                engine_settings_check(engine_settings)  # refused before anything is retired
+                actor = Actor.for_user(request.user)
+                with transaction.atomic():
+                    services.deployment_retire(deployment=deployment, actor=actor, request=request)
+                    services.deployment_create(model=deployment.model, pool=deployment.pool, actor=actor,
+                                               engine_settings=engine_settings, request=request)
+                return redirect("frontend:model", name=deployment.model.name)
+            except CitadelError as error:
+                field = (error.param or "").removeprefix("engine_settings.")
+                errors[field if field in FORM_SETTINGS else "extra_settings"] = error.message
+        status = 400
+    return render(request, "frontend/models/settings.html", {"deployment": deployment, "values": values,
+                                                            "errors": errors}, status=status)

@@ -236,6 +236,25 @@ def test_undeploying_asks_first_then_retires_and_audits(world):
     assert again.status_code == 409 and "already retired" in text(again)
 
 
+def test_changing_a_deployments_engine_settings_redeploys_it_on_the_same_pool(world):
+    operator = signed_in(world["otto"])
+    url = f"/deployments/{world['deployment'].pk}/settings/"
+    form = text(operator.get(url))
+    assert 'id="device" value="cpu"' in form
+    refused = operator.post(url, {"device": "cpu", "kv_disk_bytes": "1G"})
+    assert refused.status_code == 400
+    assert re.search(r'id="error-kv_disk_bytes" role="alert">[^<]*kv_disk_bytes needs kv_device_bytes', text(refused))
+    assert Deployment.objects.get(pk=world["deployment"].pk).status == "active"  # nothing retired
+    assert operator.post(url, {"device": "cpu", "quantization": "fp8", "max_model_len": "2048"}).status_code == 302
+    assert Deployment.objects.get(pk=world["deployment"].pk).status == "retired"
+    new = Deployment.objects.get(model__name="alpha", pool__name="gpu-a", status="active")
+    assert new.engine_settings == {"device": "cpu", "quantization": "fp8", "max_model_len": 2048}
+    assert AuditRecord.objects.filter(action="deployment.retire", target_id=str(world["deployment"].pk)).exists()
+    assert AuditRecord.objects.filter(action="deployment.create", target_id=str(new.pk), actor_label="otto").exists()
+    assert operator.get(url).status_code == 404  # the retired one has no settings to change
+    assert signed_in(world["erin"]).get(f"/deployments/{new.pk}/settings/").status_code == 403
+
+
 def test_the_live_fragment_follows_the_pools_workers(world):
     client = signed_in(world["erin"])
     url = f"/deployments/{world['deployment'].pk}/live/"
