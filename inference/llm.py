@@ -11,7 +11,9 @@ LLM steps a continuous batch, so the prompts of one `generate` call, and concurr
 callers in several threads, are decoded together.
 
 Every call takes an optional `lora_request` (inference/lora): the request is served with that
-PEFT adapter, batched with requests for other adapters and for the base model.
+PEFT adapter, batched with requests for other adapters and for the base model. And an optional
+`cache_salt`: requests reuse the cached prompt prefixes (engine/prefix_cache.py) of requests with
+the same salt only, so a server gives each tenant its own.
 """
 
 from __future__ import annotations
@@ -135,17 +137,21 @@ class LLM:
         prompts: Prompt | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+        cache_salt: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt.
 
         lora_request: serve every prompt with this adapter, or one adapter (or None) per prompt.
+        cache_salt: the prefix-cache namespace of every prompt, or one per prompt (as vLLM's request
+            `cache_salt`): only requests with the same salt reuse each other's cached prefixes.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(params, len(prompt_list))
         lora_list = _as_lora_list(lora_request, len(prompt_list))
+        salt_list = _as_salt_list(cache_salt, len(prompt_list))
         seqs = [
-            self._new_sequence(p, sp, lr)
-            for p, sp, lr in zip(prompt_list, params_list, lora_list, strict=True)
+            self._new_sequence(p, sp, lr, salt)
+            for p, sp, lr, salt in zip(prompt_list, params_list, lora_list, salt_list, strict=True)
         ]
         outboxes = [self._loop.submit(seq) for seq in seqs]  # all at once: they decode as one batch
         try:
@@ -163,28 +169,34 @@ class LLM:
         messages: Messages | list[Messages],
         params: SamplingParams | list[SamplingParams] | None = None,
         lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+        cache_salt: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Answer each conversation ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template."""
         conversations = _as_conversation_list(messages)
-        return self.generate([self._render_chat(c) for c in conversations], params, lora_request)
+        return self.generate([self._render_chat(c) for c in conversations], params, lora_request, cache_salt)
 
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, lora_request: LoRARequest | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        lora_request: LoRARequest | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[StreamEvent]:
         """Complete one prompt, yielding an event per generated token (the last one has finish_reason).
 
         Several threads may stream at once: their requests share the engine's batches.
         """
-        return self._stream(self._new_sequence(prompt, params or SamplingParams(), lora_request))
+        return self._stream(self._new_sequence(prompt, params or SamplingParams(), lora_request, cache_salt))
 
     def stream_chat(
         self,
         messages: Messages,
         params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[StreamEvent]:
         """`stream` for one conversation, with the checkpoint's chat template applied."""
-        return self.stream(self._render_chat(messages), params, lora_request)
+        return self.stream(self._render_chat(messages), params, lora_request, cache_salt)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -223,8 +235,14 @@ class LLM:
         return adapter
 
     def _new_sequence(
-        self, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+        cache_salt: str | None = None,
     ) -> Sequence:
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string or None, got {type(cache_salt).__name__}")
         if isinstance(prompt, str):
             # A rendered chat template already holds its special tokens (BOS included).
             has_bos = self.tokenizer.bos_token is not None and prompt.startswith(self.tokenizer.bos_token)
@@ -247,6 +265,7 @@ class LLM:
         adapter = self._adapter(lora_request) if lora_request is not None else None
         return Sequence(
             lora=adapter,
+            cache_salt=cache_salt,
             request_id=str(next(self._request_counter)),
             prompt=text,
             prompt_token_ids=token_ids,
@@ -345,6 +364,14 @@ def _as_lora_list(lora_request, n: int) -> list[LoRARequest | None]:
     if not isinstance(lora_request, list | tuple) or len(lora_request) != n:
         raise ValueError(f"pass one LoRARequest, or a list of {n} (one per prompt, None for the base model)")
     return list(lora_request)
+
+
+def _as_salt_list(cache_salt, n: int) -> list[str | None]:
+    if cache_salt is None or isinstance(cache_salt, str):
+        return [cache_salt] * n
+    if not isinstance(cache_salt, list | tuple) or len(cache_salt) != n:
+        raise ValueError(f"pass one cache_salt string, or a list of {n} (one per prompt, None for no salt)")
+    return list(cache_salt)
 
 
 def _as_conversation_list(messages) -> list[Messages]:

@@ -29,6 +29,9 @@ class EngineConfig:
     that ship FP8 weights (DeepSeek's `weight_scale_inv` format) are served in FP8 either way."""
     max_loras: int = 8
     """Most LoRA adapters on the model's device at once (requests for others wait for a free place)."""
+    enable_prefix_caching: bool = True
+    """Reuse the cache pages of a prompt prefix that an earlier request (same cache_salt and adapter)
+    computed: full blocks only, kept until their pages are needed (engine/prefix_cache.py)."""
     kv_device_bytes: int | None = None
     """KV tiers (engine/tiers.py): bytes of the fast tier, the cache memory on the model's device (its
     per-sequence slots first, then pages). None: untiered, sized by kv_cache_memory."""
@@ -57,6 +60,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         for name in ("kv_cache_memory", "max_model_len", "kv_device_bytes", "kv_host_bytes", "kv_disk_bytes"):

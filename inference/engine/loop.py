@@ -94,6 +94,8 @@ class EngineLoop:
                 stats.update(experts.stats())
             if self.engine.runner.tiers is not None:
                 stats.update(self.engine.runner.tiers.stats())
+            if self.engine.runner.block_manager.prefix is not None:
+                stats.update(self.engine.runner.block_manager.prefix.stats())
         return stats
 
     def close(self, wait: bool = True) -> None:

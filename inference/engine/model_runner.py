@@ -19,8 +19,9 @@ from .block_manager import BlockManager
 from .cache import PagedCache
 from .config import EngineConfig
 from .context import ForwardContext, GroupTables
+from .prefix_cache import load_slots, save_slots
 from .scheduler import ScheduledBatch
-from .sequence import Sequence
+from .sequence import NO_TIE, Sequence
 from .tiers import KVTiers
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class ModelRunner:
                 "per-sequence slots): give the cache more memory"
             )
         self.cache = PagedCache(self.spec, num_pages, num_slots, self.block_size, device)
-        self.block_manager = BlockManager(self.spec, num_pages, num_slots, self.block_size)
+        self.block_manager = BlockManager(
+            self.spec, num_pages, num_slots, self.block_size, prefix_caching=config.enable_prefix_caching
+        )
         self.max_model_len = min(model_len, self.block_manager.max_tokens_per_sequence())
         logger.info(
             "KV cache: %d pages of %d bytes (%.1f MiB), %d tokens per sequence at most",
@@ -111,7 +114,10 @@ class ModelRunner:
             self.spec, self.block_size, self.cache.pool, slower["kv_host_bytes"], slower["kv_disk_bytes"],
             config.kv_disk_path, selective,
         )
-        self.block_manager = BlockManager(self.spec, self.tiers.num_logical + 1, num_slots, self.block_size)
+        # Prefix caching keeps slot snapshots in pages it addresses directly: not through the tiers (yet).
+        self.block_manager = BlockManager(
+            self.spec, self.tiers.num_logical + 1, num_slots, self.block_size, prefix_caching=False
+        )
         longest = self.block_manager.max_tokens_per_sequence()
         if not selective:  # every page of a step is on the device: a sequence fits the device tier
             self.step_page_limit = device_pages - 1
@@ -132,6 +138,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
+        saves, loads = self.block_manager.take_snapshots()
+        save_slots(self.cache, saves)  # before new slots are cleared: a freed slot may be one of them
         pages, slots = self.block_manager.take_new()
         if self.tiers is None:
             self.cache.zero(pages, slots)
@@ -139,6 +147,7 @@ class ModelRunner:
             self.cache.zero([], slots)
             self.tiers.new_pages(pages)
             self.tiers.stage(batch.seqs, batch.num_tokens)
+        load_slots(self.cache, loads)
         # Decodes (one token) first, so attention serves them with one batched gather.
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
@@ -181,6 +190,8 @@ class ModelRunner:
             caches=self.cache.caches,
             kv_tiers=self.tiers if self.tiers is not None and self.tiers.selective else None,
         )
+        if self.block_manager.prefix is not None:  # models whose cache depends on the prompt's length say where
+            ctx.shared["first_tie"] = torch.full((len(seqs),), NO_TIE, dtype=torch.long, device=device)
         adapters = [seq.lora for seq in seqs]
         if self.lora is not None and any(adapters):
             self.lora.set_batch(adapters, query_starts, device)
@@ -190,6 +201,9 @@ class ModelRunner:
                 self.lora.clear_batch()
         else:
             hidden = self.model(ids, pos, ctx)  # [T, H]
+        if self.block_manager.prefix is not None:
+            for seq, tie in zip(seqs, ctx.shared["first_tie"].tolist(), strict=True):
+                seq.first_tie = min(seq.first_tie, tie)
 
         rows = sample_rows + [
             r for _, targets, first in prompt_rows for r in range(first, first + len(targets))

@@ -11,6 +11,11 @@ preempted: its pages go back to the pool, its tokens (prompt and everything gene
 stay with it, and it returns to the front of the waiting queue to recompute its cache later.
 No request is ever dropped.
 
+With prefix caching, a waiting sequence starts after the cached blocks that hold its prompt's
+prefix (block_manager.cached_prefix), and the full blocks a step completes are cached when it is
+committed; for models with per-sequence state, prefill chunks end at block boundaries so that
+state can be snapshotted there (block_manager.chunk).
+
 A request served with a LoRA adapter is admitted only when its adapter is, or can be, loaded
 (see inference/lora/manager.py); otherwise it waits, and so do the requests queued behind it.
 """
@@ -64,7 +69,8 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            start = seq.num_computed_tokens
+            count = self.block_manager.chunk(seq, start, min(seq.num_tokens - start, budget))
             if not self._fits_step(batch, seq.num_computed_tokens + count):
                 break  # the device KV tier holds no more pages this step (whole-page KV tiers)
             while not self.block_manager.can_grow(seq, seq.num_computed_tokens + count):
@@ -87,17 +93,17 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_grow(seq, seq.num_computed_tokens + count) or not self._fits_step(
-                batch, seq.num_computed_tokens + count
-            ):
+            hit = self.block_manager.cached_prefix(seq)  # cached blocks it starts from (prefix caching)
+            start = seq.num_computed_tokens + len(hit) * (self.block_manager.prefix.block_tokens if hit else 0)
+            count = self.block_manager.chunk(seq, start, min(seq.num_tokens - start, budget))
+            if not self.block_manager.can_grow(seq, start + count, hit) or not self._fits_step(batch, start + count):
                 break
             if seq.lora is not None:
                 if self.lora is None or not self.lora.acquire(seq.lora):
                     break  # every loaded adapter is in use: wait until one is free
                 seq.lora_held = True
             self.waiting.popleft()
-            self.block_manager.grow(seq, seq.num_computed_tokens + count)
+            self.block_manager.grow(seq, start + count, hit)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -125,6 +131,7 @@ class Scheduler:
         """Record that the step wrote the cache entries of the tokens it fed."""
         for seq, count in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed_tokens += count
+            self.block_manager.cache_blocks(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence wherever it is and free its pages."""

@@ -17,6 +17,9 @@ from ..lora.adapter import LoRAAdapter
 from ..outputs import CompletionOutput, RequestOutput, StreamEvent, TokenLogprobs
 from ..sampling_params import SamplingParams
 
+NO_TIE = 2**62
+"""Sequence.first_tie of a sequence whose cache entries depend on its tokens alone."""
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -53,6 +56,18 @@ class Sequence:
     """The adapter this request is served with (None: the base model)."""
     lora_held: bool = False
     """Whether the request holds its adapter's place on the device (while it runs)."""
+    cache_salt: str | None = None
+    """Namespace of this request's prefix-cache entries: only requests with the same salt share them."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache names of this sequence's full blocks so far (engine/prefix_cache.py)."""
+    cached_blocks: list = field(default_factory=list)
+    """The cached blocks at the start of its block tables, one per full block (None: kept private)."""
+    counted_prefix: bool = False
+    """Whether its admission was counted in the prefix cache's hits and misses."""
+    first_tie: int = NO_TIE
+    """The first position whose cache entries depend on the prompt's length (DeepSeek-V4 breaks exact
+    ties of its indexer's top-k as transformers does, by the prompt's length): blocks from there on
+    are not cached, so a hit never gives what another prompt length would not have computed."""
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None and self.logprobs is None:

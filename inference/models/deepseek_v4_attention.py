@@ -82,7 +82,7 @@ class Compressor(nn.Module):
         return apply_rope(entries, cos, sin)
 
 
-def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tensor, k: int):
+def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tensor, k: int, ties=None):
     """The indexer's top-k entries per query, exactly as transformers picks them.
 
     scores [Q, N] float32 with -inf past each query's `visible` [Q] entries. Returns (entry ids
@@ -92,6 +92,8 @@ def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tens
     tokens in its one-shot prefill, the entries so far in its cached decode), so only such rows
     are recomputed on a row of that length: the result then does not depend on this engine's
     chunking, batching or padding, and equals transformers' generate().
+    `ties` (rows [Q], positions [Q], first_tie [B]): lower first_tie[row] to the position of each
+    tied query, since what it computes depends on the prompt's length (prefix caching must know).
     """
     q_count, n = scores.shape
     if n <= k:
@@ -101,6 +103,8 @@ def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tens
     ids = ids[:, :k].clone()
     tied = (visible > k) & (values[:, k - 1] == values[:, k])
     if bool(tied.any()):
+        if ties is not None and ties[2] is not None:
+            ties[2].scatter_reduce_(0, ties[0][tied], ties[1][tied], "amin")
         for row in tied.nonzero().flatten().tolist():
             length, seen = int(hf_len[row]), int(visible[row])
             padded = scores.new_full((length,), float("-inf"))
@@ -260,7 +264,7 @@ class Attention(nn.Module):
                     scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
                     prompt_lens = by_row(batch.prompt_len_tensor)
                     hf_len = torch.where(pos < prompt_lens, prompt_lens // group.rate, visible)
-                    ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)
+                    ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k, (rows, pos, batch.first_tie))
                 else:
                     chosen = ids < visible[:, None]
                 page, offset = group.locate(None if batch.all_decodes else rows, ids)
@@ -312,6 +316,7 @@ class Attention(nn.Module):
         ids = torch.arange(n, device=batch.slots.device)[None]  # [1, N]
         page, offset = group.locate(batch.slots.new_tensor([i]), ids)
         seq = _SequenceEntries(n, group.rate, page[0], offset[0])
+        seq.row = i
         if index is None:  # HCA attends to every entry
             seq.entries = self._read(batch, seq.page, seq.offset, index=False)  # [N, hd]
         else:  # CSA: the indexer scores every entry's key; only the entries it selects are read
@@ -329,7 +334,8 @@ class Attention(nn.Module):
         scores = self.indexer.scores(seq.queries[a:b], seq.weights[a:b], seq.index_keys[None])  # [Lb, N]
         scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
         hf_len = torch.where(qp < prompt_len, prompt_len // seq.rate, visible)
-        ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k)  # [Lb, K]
+        ties = (torch.full_like(qp, seq.row), qp, batch.first_tie)
+        ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k, ties)  # [Lb, K]
         return self._read(batch, seq.page[ids], seq.offset[ids], index=False), chosen
 
     def _read(self, batch: V4Batch, page: torch.Tensor, offset: torch.Tensor, index: bool) -> torch.Tensor:
@@ -354,3 +360,4 @@ class _SequenceEntries:
     index_keys: torch.Tensor | None = None  # [N, ihd]
     queries: torch.Tensor | None = None  # [L, nh, ihd] the chunk's indexer queries
     weights: torch.Tensor | None = None  # [L, nh]
+    row: int = 0  # the sequence's row in the batch

@@ -91,6 +91,8 @@ class V4Batch:
     groups: dict[str, GroupMeta]
     tiers: object | None = None
     """The engine's KV tiers when some pages are read from slower tiers (ForwardContext.kv_tiers)."""
+    first_tie: torch.Tensor | None = None
+    """[B] int64 or None: lowered to the first position whose indexer top-k broke a tie (prefix caching)."""
     rope: dict[str, RopeTable] = field(default_factory=dict)
     """'main' / 'compress' -> the RopeTable at the tokens' positions (set by the model)."""
 
@@ -176,6 +178,7 @@ class V4Batch:
             rings=rings,
             groups=groups,
             tiers=ctx.kv_tiers,
+            first_tie=ctx.shared.get("first_tie"),
         )
 
 

@@ -1,0 +1,247 @@
+"""Prefix caching against the uncached engine: same tokens, same log-probabilities, real hits.
+
+Each case runs one workload twice, with enable_prefix_caching on and off and otherwise the same
+settings, and compares greedy tokens (identical) and the sampled tokens' log-probabilities
+(within 1e-4, float32). Prompts share prefixes of several lengths, on and off block boundaries,
+sent one after another (later ones hit what earlier ones cached) and all at once. The models:
+the tiny random DeepSeek-V4 (paged compressed groups plus per-sequence rings, restored from the
+snapshot a hit ends at), a second V4 of another shape, a tiny Qwen3-MoE and models/demo-v4.
+"""
+
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+import torch
+
+from inference import LLM, LoRARequest, SamplingParams
+from inference.engine.block_manager import BlockManager
+from inference.engine.cache import CacheGroup, CacheSpec
+from inference.engine.config import EngineConfig
+from inference.engine.prefix_cache import block_hash
+from inference.engine.sequence import Sequence
+
+from .conftest import build_second_v4_checkpoint
+from .test_lora_serving import V4_TARGETS, make_adapter
+from .test_qwen3_moe_model import build_qwen3_moe_checkpoint
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo-v4"
+GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_torch():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shared_prefix_prompts(vocab: int, base_len: int, seed: int = 0) -> list[list[int]]:
+    """Prompts over one base text: prefixes of several lengths (block-aligned and not) plus own tails."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(3, vocab, (base_len,), generator=g).tolist()
+    cuts = [base_len, base_len - 1, base_len // 2 + 3, base_len // 3, 7, base_len]
+    tails = [5, 0, 4, 9, 3, 1]
+    return [
+        base[:c] + torch.randint(3, vocab, (t,), generator=g).tolist()
+        for c, t in zip(cuts, tails, strict=True)
+    ]
+
+
+def run(path, prompts, on: bool, salts=None, lora=None, **settings):
+    """Sequential then concurrent generation; returns (outputs, stats)."""
+    llm = LLM(model=path, device="cpu", dtype="float32", seed=0, enable_prefix_caching=on, **settings)
+    try:
+        outputs = [llm.generate([p], GREEDY, lora, salts)[0] for p in prompts]
+        outputs += llm.generate(prompts, GREEDY, lora, salts)
+        return outputs, llm.stats()
+    finally:
+        llm.close()
+
+
+def assert_same(cached, uncached) -> None:
+    for a, b in zip(cached, uncached, strict=True):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        assert ta == tb
+        la = [entry[t] for entry, t in zip(a.outputs[0].logprobs, ta, strict=True)]
+        lb = [entry[t] for entry, t in zip(b.outputs[0].logprobs, tb, strict=True)]
+        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= TOLERANCE
+
+
+def check_model(path, vocab, base_len, expect_hits=True, **settings) -> dict:
+    prompts = shared_prefix_prompts(vocab, base_len)
+    cached, stats = run(path, prompts, True, **settings)
+    uncached, off_stats = run(path, prompts, False, **settings)
+    assert_same(cached, uncached)
+    assert "prefix_hits" not in off_stats
+    if expect_hits:
+        assert stats["prefix_hits"] > 0
+        assert stats["prefill_tokens"] < off_stats["prefill_tokens"]
+    return stats
+
+
+@pytest.fixture(scope="module")
+def wide_indexer_v4(tmp_path_factory):
+    """The tiny V4 with 16 indexer heads: its random indexer scores almost never tie exactly, so
+    its prompts' blocks are cacheable (the tiny V4's 4 heads tie within a few dozen tokens)."""
+    from inference import tiny_checkpoint
+
+    with patch.dict(tiny_checkpoint.CONFIG_KWARGS, index_n_heads=16):
+        return tiny_checkpoint.build_tiny_checkpoint(tmp_path_factory.mktemp("wide-indexer-v4"), seed=5)
+
+
+def test_a_tiny_v4_gives_the_same_tokens_and_logprobs_with_prefix_hits(wide_indexer_v4):
+    stats = check_model(wide_indexer_v4, 500, 110, block_size=2, max_num_batched_tokens=40)
+    assert stats["prefix_block_tokens"] == 48  # lcm of 8 tokens per CSA page and 48 per HCA page
+
+
+def test_v4_blocks_after_an_indexer_tie_are_not_cached_and_tokens_stay_the_same(tiny_checkpoint):
+    """The tiny V4 ties within its first block: the prompt's length broke the tie, so no other
+    prompt may reuse what it computed (Sequence.first_tie)."""
+    stats = check_model(tiny_checkpoint, 500, 110, expect_hits=False, block_size=2, max_num_batched_tokens=40)
+    assert stats["prefix_hits"] == 0
+
+
+def test_a_second_v4_shape_gives_the_same_tokens_and_logprobs_with_the_prefix_cache(
+    tiny_checkpoint, tmp_path
+):
+    folder = build_second_v4_checkpoint(tmp_path / "second-v4", tiny_checkpoint)
+    check_model(folder, 96, 70, expect_hits=False, block_size=1, max_num_batched_tokens=32)
+
+
+def test_a_tiny_qwen3_moe_gives_the_same_tokens_and_logprobs_with_prefix_hits(tiny_checkpoint, tmp_path):
+    folder = build_qwen3_moe_checkpoint(tmp_path / "qwen", tiny_checkpoint, seed=4)
+    stats = check_model(folder, 500, 90, block_size=4, max_num_batched_tokens=48)
+    assert stats["prefix_block_tokens"] == 4
+
+
+def test_demo_v4_gives_the_same_tokens_and_logprobs_with_prefix_hits():
+    stats = check_model(DEMO, 1000, 420, block_size=4, max_num_batched_tokens=256)
+    assert stats["prefix_block_tokens"] == 192
+
+
+def test_preemption_and_eviction_under_a_small_cache_change_no_token(wide_indexer_v4):
+    prompts = shared_prefix_prompts(500, 100, seed=1) * 2
+    settings = dict(block_size=2, max_num_seqs=4, kv_cache_memory=4 * 22528 + 60 * 768)
+    cached, stats = run(wide_indexer_v4, prompts, True, **settings)
+    uncached, _ = run(wide_indexer_v4, prompts, False, **settings)
+    assert_same(cached, uncached)
+    assert stats["preemptions"] > 0 and stats["prefix_evictions"] > 0 and stats["prefix_hits"] > 0
+
+
+def hits_after(llm, prompt, **kwargs) -> int:
+    before = llm.stats()["prefix_hits"]
+    llm.generate([prompt], GREEDY, **kwargs)
+    return llm.stats()["prefix_hits"] - before
+
+
+def test_a_salt_hits_only_its_own_cached_prefixes(wide_indexer_v4):
+    prompts = shared_prefix_prompts(500, 110, seed=2)
+    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", block_size=2)
+    try:
+        assert hits_after(llm, prompts[0], cache_salt="team-a") == 0
+        assert hits_after(llm, prompts[2], cache_salt="team-b") == 0
+        assert hits_after(llm, prompts[2]) == 0  # no salt is a namespace of its own
+        assert hits_after(llm, prompts[2], cache_salt="team-a") == 48  # its 56-token prefix: one block
+        assert hits_after(llm, prompts[1], cache_salt="team-a") == 96
+    finally:
+        llm.close()
+
+
+def test_lora_requests_never_hit_another_adapters_cached_prefix(wide_indexer_v4, tmp_path):
+    first = make_adapter(wide_indexer_v4, tmp_path / "a", V4_TARGETS, seed=1)
+    second = make_adapter(wide_indexer_v4, tmp_path / "b", V4_TARGETS, seed=2)
+    prompt = shared_prefix_prompts(500, 110, seed=3)[0]
+    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", block_size=2)
+    try:
+        a, b = LoRARequest("a", str(first)), LoRARequest("b", str(second))
+        assert hits_after(llm, prompt, lora_request=a) == 0
+        assert hits_after(llm, prompt, lora_request=b) == 0
+        assert hits_after(llm, prompt) == 0
+        assert (
+            hits_after(llm, prompt, lora_request=LoRARequest("b", str(first))) == 0
+        )  # same name, other weights
+        assert hits_after(llm, prompt, lora_request=b) == 96
+        with_cache = llm.generate([prompt], GREEDY, lora_request=b)[0]
+    finally:
+        llm.close()
+    without, _ = run(wide_indexer_v4, [prompt], False, lora=b, block_size=2)
+    assert_same([with_cache], without[:1])
+
+
+def test_prompt_logprobs_requests_bypass_the_cache_and_get_every_position(wide_indexer_v4):
+    prompt = shared_prefix_prompts(500, 110, seed=4)[0]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outputs = []
+    for on in (True, False):
+        llm = LLM(
+            model=wide_indexer_v4, device="cpu", dtype="float32", block_size=2, enable_prefix_caching=on
+        )
+        try:
+            llm.generate([prompt], GREEDY)
+            outputs.append(llm.generate([prompt], params)[0])
+            if on:
+                assert llm.stats()["prefix_hits"] == 0
+        finally:
+            llm.close()
+    got = [e[t] for e, t in zip(outputs[0].prompt_logprobs[1:], prompt[1:], strict=True)]
+    want = [e[t] for e, t in zip(outputs[1].prompt_logprobs[1:], prompt[1:], strict=True)]
+    assert max(abs(x - y) for x, y in zip(got, want, strict=True)) <= TOLERANCE
+
+
+def test_unused_cached_blocks_are_evicted_least_recently_used_first():
+    spec = CacheSpec((CacheGroup("kv", (0,), (2, 1, 4), torch.float32),))
+    manager = BlockManager(spec, num_pages=5, num_slots=0, block_size=2, prefix_caching=True)
+
+    def sequence(tokens):
+        seq = Sequence("r", None, tokens, SamplingParams(), detokenizer=None)
+        hit = manager.cached_prefix(seq)
+        manager.grow(seq, seq.num_tokens, hit)
+        seq.num_computed_tokens = seq.num_tokens
+        manager.cache_blocks(seq)
+        return seq, hit
+
+    first, _ = sequence([1, 2, 3, 4, 5])  # blocks [1, 2] and [3, 4], one private page
+    manager.free(first)
+    assert manager.num_free_pages == 4 and manager.prefix.stats()["prefix_cached_blocks"] == 2
+    second, hit = sequence([1, 2, 3, 4, 9])
+    assert len(hit) == 2 and hit[0].ref == 1
+    manager.free(second)
+    third, hit = sequence([7, 7, 8, 8, 6, 6, 5])  # needs 4 pages: evicts [3, 4] (deepest) first, then [1, 2]
+    assert hit == [] and manager.prefix.evictions == 2
+    manager.free(third)
+
+
+def test_block_hashes_depend_on_the_parent_the_salt_and_the_adapter():
+    root = block_hash(None, None, None, [1, 2])
+    assert block_hash(None, None, None, [1, 2]) == root
+    assert (
+        len(
+            {
+                root,
+                block_hash(None, "s", None, [1, 2]),
+                block_hash(None, None, "a", [1, 2]),
+                block_hash(root, None, None, [1, 2]),
+                block_hash(None, None, None, [2, 1]),
+            }
+        )
+        == 5
+    )
+
+
+def test_enable_prefix_caching_must_be_a_boolean():
+    with pytest.raises(ValueError, match="enable_prefix_caching must be true or false"):
+        EngineConfig(enable_prefix_caching="yes")
+
+
+def test_a_cache_salt_must_be_a_string(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu", dtype="float32", block_size=2)
+    try:
+        with pytest.raises(ValueError, match="cache_salt must be a string"):
+            llm.generate([[5, 6, 7]], GREEDY, cache_salt=[7])
+        with pytest.raises(ValueError, match="pass one cache_salt string"):
+            llm.generate([[5, 6, 7]], GREEDY, cache_salt=7)
+    finally:
+        llm.close()
