@@ -68,12 +68,12 @@ def _upload(stack, lines: list[str]) -> str:
     return response.json()["id"]
 
 
-def fine_tune(stack, *, examples: int, checkpoint_every: int) -> str:
-    """Create a fine-tuning job of demo-v4 (batches of 2, one epoch); its database id."""
+def fine_tune(stack, *, examples: int, checkpoint_every: int, epochs: int = 1) -> str:
+    """Create a fine-tuning job of demo-v4 (batches of 2); its database id."""
     file_id = _upload(stack, TRAIN[:examples])
     response = httpx.post(f"{stack.base_url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {stack.api_key}"},
                           timeout=60, json={"model": "demo-v4", "training_file": file_id, "seed": 1,
-                                            "hyperparameters": {"n_epochs": 1, "batch_size": 2},
+                                            "hyperparameters": {"n_epochs": epochs, "batch_size": 2},
                                             "citadel": {"checkpoint_every": checkpoint_every, "rank": 4}})
     assert response.status_code == 200, response.text
     return response.json()["id"].removeprefix("ftjob-")
