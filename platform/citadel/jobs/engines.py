@@ -49,10 +49,10 @@ class StubEngine:
             yield StubEvent(text="ok", token_ids=[1], finish_reason="length" if n == self.tokens else None,
                             prompt_tokens=1, completion_tokens=n)
 
-    def stream(self, prompt, params=None, lora_request=None):
+    def stream(self, prompt, params=None, lora_request=None, cache_salt=None):
         return self._events()
 
-    def stream_chat(self, messages, params=None, lora_request=None):
+    def stream_chat(self, messages, params=None, lora_request=None, cache_salt=None):
         return self._events()
 
     def stats(self) -> dict:

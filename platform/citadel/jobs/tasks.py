@@ -21,6 +21,7 @@ from citadel.jobs.engines import engines
 from citadel.jobs.leases import keeper
 from citadel.jobs.logprobs import TokenTexts, event_entries
 from citadel.jobs.models import InferenceJob, JobLease
+from citadel.jobs.prefix_salt import job_cache_salt
 from citadel.jobs.reconcile import jobs_reconcile
 from citadel.jobs.services import (
     job_append_chunk,
@@ -47,6 +48,9 @@ def _events(llm, job: InferenceJob):
     # A fine-tuned model's job carries its adapter; plain jobs call the engine exactly as before.
     adapter = job.payload.get("adapter")
     extra = {"lora_request": _lora_request(adapter)} if adapter else {}
+    salt = job_cache_salt(job)  # the team's prefix-cache namespace, from the server's records only
+    if salt is not None:
+        extra["cache_salt"] = salt
     if job.kind == InferenceJob.Kind.CHAT:
         return llm.stream_chat(job.payload["messages"], params, **extra)
     return llm.stream(job.payload["prompt"], params, **extra)
