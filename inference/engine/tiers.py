@@ -24,7 +24,8 @@ copies). Two ways a model can use the tiers:
   sparse attention fetches the indexer keys of every entry but the compressed K/V of only the
   `index_topk` entries the indexer selects. A sequence may then be as long as all tiers hold.
 
-Counters (engine stats, exported by the worker's /metrics): bytes per tier in use and at peak,
+Counters (engine stats, exported by the worker's /metrics): bytes per tier in use (pages placed
+there; a freed page keeps its place until it is handed out again) and at peak,
 kv_tier_hits / kv_tier_misses (pages a step used that were / were not in the device tier when the
 step was staged), kv_prefetch_hits (missed pages staged before the step) / kv_prefetch_misses (pages
 a step had to fetch while it ran), kv_evictions (pages moved down a tier), kv_bytes_transferred.
