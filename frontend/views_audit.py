@@ -111,6 +111,14 @@ def audit_verify(request):
     return render(request, template, {"result": result, "problems": problems})
 
 
+def _refused(request, form: dict, errors: dict, *, status: int):
+    """The search page with the refusal next to its field and no records (an export that did not run)."""
+    page = Paginator(AuditRecord.objects.none(), PAGE_SIZE).get_page(1)
+    return render(request, "frontend/audit/list.html", {
+        "form": form, "errors": errors, "page": page, "outcomes": AuditRecord.Outcome.values, "formats": FORMATS,
+        "export_query": ""}, status=status)
+
+
 @role_required(OVERSIGHT_ROLES)
 def audit_download(request):
     """The filtered records (with every checkpoint, purge manifest and public key) as JSON Lines or
@@ -123,10 +131,7 @@ def audit_download(request):
         errors["target"] = ("The export filters by actor, action, outcome and time; clear the target filter "
                             "to export (records of one target are found by searching).")
     if errors:
-        page = Paginator(AuditRecord.objects.none(), PAGE_SIZE).get_page(1)
-        return render(request, "frontend/audit/list.html", {
-            "form": form, "errors": errors, "page": page, "outcomes": AuditRecord.Outcome.values,
-            "formats": FORMATS, "export_query": ""}, status=400)
+        return _refused(request, form, errors, status=400)
     spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, mode="w+", encoding="utf-8", newline="")
     try:
         audit_export(out=spool, fmt=fmt, actor=Actor.for_user(request.user), since=query["since"],
@@ -134,11 +139,7 @@ def audit_download(request):
                      outcome=query["outcome"], request=request)
     except CitadelError as error:
         spool.close()
-        errors["format"] = error.message
-        page = Paginator(AuditRecord.objects.none(), PAGE_SIZE).get_page(1)
-        return render(request, "frontend/audit/list.html", {
-            "form": form, "errors": errors, "page": page, "outcomes": AuditRecord.Outcome.values,
-            "formats": FORMATS, "export_query": ""}, status=error.status)
+        return _refused(request, form, {error.param or "format": error.message}, status=error.status)
     spool.seek(0)
 
     def chunks():

@@ -105,7 +105,7 @@ def model_import(request):
             return redirect("frontend:model-import", pk=started.pk)
         except CitadelError as error:
             errors[error.param or "name"] = error.message
-    context = {"rows": [], "page": None, "filter": {}, "families": [], "can_change": True, "import_open": True,
+    context = {"rows": [], "page": None, "filter": {}, "families": [], "can_change": True,
                **_import_context(request, values, errors)}
     return render(request, "frontend/models/list.html", context, status=400)
 
@@ -215,7 +215,7 @@ def model_deploy(request, name: str):
             errors[field] = error.message
     context = {"model": model, "variants": model.variants.all(), "rows": _deployment_rows(model),
                "can_change": True, "pools": WorkerPool.objects.select_related("site"), "values": values,
-               "errors": errors, "manifest": sorted((model.manifest or {}).items()), "deploy_open": True}
+               "errors": errors, "manifest": sorted((model.manifest or {}).items())}
     return render(request, "frontend/models/detail.html", context, status=400)
 
 
