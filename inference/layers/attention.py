@@ -100,10 +100,12 @@ def _decode(q, cache, block_tables, ctx: ForwardContext, scale: float, sliding_w
 
 
 def _decode_groups(ctx: ForwardContext, device, sliding_window: int | None):
-    """[(rows, max_len, mask [b, 1, 1, L])]: the decodes sorted by context length, DECODE_GROUP at a time.
+    """[(rows, max_len, mask [b, 1, 1, L] or None)]: the decodes sorted by context length, DECODE_GROUP at a time.
 
     Each group gathers its pages up to its own longest context, so a short sequence beside a
-    long one no longer copies (and attends over) the long one's length in padding.
+    long one no longer copies (and attends over) the long one's length in padding. A group of one
+    sequence needs no mask (it attends to all its entries; SDPA gives the same bits without an
+    all-true mask) unless a sliding window hides some.
     """
     count = ctx.num_decodes
     lens = ctx.context_lens[:count]
@@ -116,12 +118,15 @@ def _decode_groups(ctx: ForwardContext, device, sliding_window: int | None):
     for part in parts:
         rows = torch.tensor(part, device=device)
         max_len = max(lens[i] for i in part)
-        group_lens = ctx.decode_context_lens[rows]  # [b]
-        k_pos = torch.arange(max_len, device=device)[None, :]  # [1, L]
-        mask = k_pos < group_lens[:, None]
-        if sliding_window is not None:
-            mask &= k_pos >= group_lens[:, None] - sliding_window
-        groups.append((rows, max_len, mask[:, None, None, :]))
+        mask = None
+        if len(part) > 1 or sliding_window is not None:
+            group_lens = ctx.decode_context_lens[rows]  # [b]
+            k_pos = torch.arange(max_len, device=device)[None, :]  # [1, L]
+            mask = k_pos < group_lens[:, None]
+            if sliding_window is not None:
+                mask &= k_pos >= group_lens[:, None] - sliding_window
+            mask = mask[:, None, None, :]
+        groups.append((rows, max_len, mask))
     return groups
 
 

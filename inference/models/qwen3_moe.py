@@ -42,6 +42,9 @@ class Qwen3MoeAttention(nn.Module):
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
         """(weight [q+k+v, H], bias or None) whose row blocks the q/k/v projections' weights are views of
         (fuse_qkv): one matmul instead of three while they are plain linears."""
+        self.qk_norm_weight: torch.Tensor | None = None
+        """[Hq + Hkv, D]: q_norm's weight for the query heads, k_norm's for the key heads, so the fused
+        path normalises q and k (side by side in its output) in one call (float32 only, see forward)."""
 
     def fuse_qkv(self) -> None:
         """Put the loaded q, k and v weights (and biases) in one tensor, each projection keeping a view of its rows.
@@ -60,6 +63,11 @@ class Qwen3MoeAttention(nn.Module):
                 p.bias = nn.Parameter(bias[rows], requires_grad=False)
             start = rows.stop
         self.qkv = (weight, bias)
+        norms = (self.q_norm.weight, self.k_norm.weight)
+        if weight.dtype == torch.float32 and all(w.dtype == torch.float32 for w in norms) and self.q_norm.eps == self.k_norm.eps:
+            self.qk_norm_weight = torch.cat(
+                (norms[0].expand(self.num_heads, -1), norms[1].expand(self.num_kv_heads, -1))
+            )
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> q [T, Hq * D], k and v [T, Hkv * D]."""
@@ -74,6 +82,17 @@ class Qwen3MoeAttention(nn.Module):
     def forward(self, x, cos, sin, ctx: ForwardContext, cache: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]  # x [T, H]
         q, k, v = self._project(x)
+        if self.qk_norm_weight is not None and self.qkv is not None:
+            # q and k are side by side in the fused output: one RMSNorm and one rotation for both. RMSNorm's
+            # float32 kernel scales by its weight last, so scaling afterwards gives the same bits.
+            heads = self.num_heads + self.num_kv_heads
+            qk = q.as_strided((tokens, heads, self.head_dim), (q.stride(0), self.head_dim, 1))
+            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * self.qk_norm_weight
+            qk = RotaryEmbedding.rotate(qk, cos, sin)  # [T, Hq + Hkv, D]
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            v = v.view(tokens, self.num_kv_heads, self.head_dim)
+            out = paged_attention(q, k, v, cache, ctx, KV, self.scale, self.sliding_window)  # [T, Hq, D]
+            return self.o_proj(out.reshape(tokens, -1))
         q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))  # [T, Hq, D]
         k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
