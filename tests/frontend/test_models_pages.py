@@ -223,6 +223,24 @@ def test_refused_engine_settings_and_pools_are_shown_next_to_their_fields(world)
     assert Deployment.objects.filter(model__name="alpha").count() == 1
 
 
+def test_a_deployment_residency_refuses_is_shown_at_the_pool_and_audited_as_denied(world):
+    from citadel.accounts.services import api_key_create
+    from citadel.residency.models import DataClass, Site
+    from citadel.residency.services import policy_create
+
+    ops = Team.objects.get(name="ops")
+    api_key_create(user=world["erin"], name="ops-app", team=ops, actor=SYSTEM)  # ops sends internal data
+    policy_create(team=ops, data_class=DataClass.objects.get(name="internal"), actor=SYSTEM,
+                  processing_sites=[Site.objects.get(name="site-a")])
+    world["alpha"].teams.set([ops])
+    response = signed_in(world["otto"]).post("/models/alpha/deploy/", {"pool": "gpu-b"})
+    assert response.status_code == 400
+    assert re.search(r'id="error-pool" role="alert">[^<]*team &#x27;ops&#x27; may process', text(response))
+    denied = AuditRecord.objects.get(action="deployment.create", outcome="denied")
+    assert denied.details["pool"] == "gpu-b" and denied.actor_label == "otto"
+    assert not Deployment.objects.filter(pool__name="gpu-b").exists()
+
+
 def test_undeploying_asks_first_then_retires_and_audits(world):
     operator = signed_in(world["otto"])
     url = f"/deployments/{world['deployment'].pk}/undeploy/"
