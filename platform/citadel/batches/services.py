@@ -327,8 +327,8 @@ def _finalize(batch: Batch, *, ending: str, actor: Actor, note: str = "") -> Bat
     from citadel.batches.output import line_output
 
     out, err = io.BytesIO(), io.BytesIO()
-    for line in batch.requests.exclude(status__in=(BatchRequest.Status.PENDING, BatchRequest.Status.RUNNING)) \
-            .order_by("line").iterator(chunk_size=2000):
+    ended = batch.requests.exclude(status__in=(BatchRequest.Status.PENDING, BatchRequest.Status.RUNNING))
+    for line in ended.defer("payload").order_by("line").iterator(chunk_size=2000):  # the output needs no request
         target = out if line.status == BatchRequest.Status.SUCCEEDED else err
         target.write(json.dumps(line_output(batch, line), separators=(",", ":")).encode() + b"\n")
     if out.tell():
