@@ -182,3 +182,13 @@ def test_the_playground_offers_only_adapters_the_user_may_use_and_shows_where_a_
     assert re.search(r'id="where-pool">eu-pool<', where) and "eu-site (EU)" in where
     assert "allowed: policy 7 allows eu-site" in where and "sites eu-site" in where
     assert signed_in(world.bob).get(f"/playground/jobs/{job.id}/").status_code == 404
+
+
+def test_an_auditor_who_changes_nothing_else_still_changes_their_own_password(world):
+    audrey = signed_in(world.audrey)
+    changed = audrey.post("/account/password/", {"old_password": PASSWORD, "new_password1": "auditors rotate too 77",
+                                                 "new_password2": "auditors rotate too 77"})
+    assert changed.status_code == 200
+    world.audrey.refresh_from_db()
+    assert world.audrey.check_password("auditors rotate too 77")
+    assert audrey.post("/teams/", {"name": "nope"}).status_code == 403  # everything else stays read-only
