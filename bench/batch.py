@@ -8,9 +8,14 @@ The same chat conversations, model (models/demo-v4) and sampling settings run tw
   on PostgreSQL and Redis (the production path: every line claimed, recorded and metered in the
   database, output written to a file).
 
-Throughput is completion tokens per second of wall time (for the batch: from the create call to
-`completed` seen by the client). The two alternate for a few rounds, each round measuring them back
-to back; batch_throughput_ratio is the median of the rounds' ratios (every round is recorded, and
+Throughput is completion tokens per second of wall time: offline, the `chat` call; for the batch, from
+the create call to the moment the server marked it `completed` (its output file written), read from
+the batch's row, so the client's polling interval (`--poll`) neither adds to it nor, by polling often,
+takes CPU from the engine; the time the client saw `completed` is recorded beside it. Each batch
+round also records its phases from the database's timestamps (the create call, dispatch to the first
+claimed line, the lines running, finalizing) and the CPU seconds each process group spent meanwhile
+(worker, web server, PostgreSQL's backends for the database, this client). The two alternate for a
+few rounds, each round measuring them back to back; batch_throughput_ratio is the median of the rounds' ratios (every round is recorded, and
 the ratio of each system's best round too), since this shared VM's speed drifts within a run. The goal
 is batch_throughput_ratio >= 0.9. Ends with one JSON line.
 
@@ -25,6 +30,7 @@ import io
 import json
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -58,13 +64,17 @@ class Offline:
 
     def run(self, convs: list[list[dict]]) -> dict:
         self.llm.chat(convs[:2], self.params)  # warm-up
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         outputs = self.llm.chat(convs, self.params)
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
         completion = sum(len(o.token_ids) for o in outputs)
         return {"seconds": round(seconds, 3), "completion_tokens": completion,
                 "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
-                "tokens_per_second": round(completion / seconds, 2), "texts": [o.text for o in outputs]}
+                "tokens_per_second": round(completion / seconds, 2), "cpu_seconds": {"bench": round(cpu, 2)},
+                "texts": [o.text for o in outputs]}
 
     def close(self) -> None:
         self.llm.close()
@@ -104,7 +114,7 @@ class Stack:
         self.workdir, self.processes = workdir, []
         self.env = dict(os.environ, DJANGO_SETTINGS_MODULE="citadel.settings.local", DATABASE_URL=database_url,
                         CELERY_BROKER_URL=broker_url, CITADEL_DATA_DIR=str(workdir / "data"),
-                        CITADEL_WORKER_HEARTBEAT_SECONDS="1", CITADEL_BATCH_CHUNK_LINES=str(chunk_lines),
+                        CITADEL_WORKER_HEARTBEAT_SECONDS="5", CITADEL_BATCH_CHUNK_LINES=str(chunk_lines),
                         CITADEL_BATCH_FEEDERS=str(feeders),
                         PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT),
                                                     os.environ.get("PYTHONPATH", "")]))
@@ -154,6 +164,8 @@ print(api_key_create(user=user, name="bench", actor=a).key)
         base = f"http://127.0.0.1:{port}"
         _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 90, "gunicorn answering")
         _wait(lambda: httpx.get(f"{base}/readyz").status_code == 200, 180, "the worker online with demo-v4 loaded")
+        self.meter = CpuMeter(worker=self.processes[0].pid, web=self.processes[1].pid,
+                              database=self.env["DATABASE_URL"].rsplit("/", 1)[1])
         return base, key
 
     def stop(self) -> None:
@@ -166,26 +178,110 @@ print(api_key_create(user=user, name="bench", actor=a).key)
                 process.kill()
 
 
-def through_batch(client, convs: list[list[dict]], max_tokens: int) -> dict:
+class CpuMeter:
+    """CPU seconds (user + system) of the worker, the web server (gunicorn and its workers), PostgreSQL's
+    backends for one database, and this process, between start() and stop(). /proc is sampled every
+    `every` seconds (a scan costs the client a few ms) so that a backend which exits meanwhile (a worker thread's connection) still counts.
+    Linux only: elsewhere every group reads 0."""
+
+    def __init__(self, *, worker: int, web: int, database: str, every: float = 1.0):
+        self.groups, self.database, self.every = {"worker": worker, "web": web, "bench": os.getpid()}, database, every
+        self._first: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = None
+
+    def _scan(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        try:
+            pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            return
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+                group = next((name for name, root in self.groups.items() if pid == root), None)
+                if group is None and int(fields[1]) == self.groups["web"]:
+                    group = "web"
+                if group is None and comm == "postgres" and f" {self.database} " in \
+                        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    group = "postgres"
+            except (OSError, ValueError, IndexError):
+                continue
+            if group is not None:
+                seconds = (int(fields[11]) + int(fields[12])) / tick
+                self._first.setdefault(pid, seconds if self._stop is None else 0.0)
+                self._last[pid] = (group, seconds)
+
+    def start(self) -> None:
+        import threading
+
+        self._first, self._last = {}, {}
+        self._scan()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._scan()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+        totals = dict.fromkeys(("worker", "web", "postgres", "bench"), 0.0)
+        for pid, (group, seconds) in self._last.items():
+            totals[group] += seconds - self._first.get(pid, 0.0)
+        return {name: round(value, 2) for name, value in totals.items()}
+
+
+def _phases(database_url: str, batch_id: str, submitted: float, created: float) -> dict:
+    """Seconds from the create call: its answer, the first line claimed, the last line finished, the batch
+    marked completed (PostgreSQL's clock is this machine's)."""
+    import uuid
+
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        first, last = conn.execute("SELECT extract(epoch FROM min(claimed_at)), extract(epoch FROM max(finished_at)) "
+                                   "FROM batches_batchrequest WHERE batch_id = %s",
+                                   (uuid.UUID(batch_id[len("batch_"):]),)).fetchone()
+        completed, = conn.execute("SELECT extract(epoch FROM completed_at) FROM batches_batch WHERE id = %s",
+                                  (uuid.UUID(batch_id[len("batch_"):]),)).fetchone()
+    return {"created": round(created - submitted, 3), "first_line_claimed": round(float(first) - submitted, 3),
+            "last_line_finished": round(float(last) - submitted, 3),
+            "completed": round(float(completed) - submitted, 3)}
+
+
+def through_batch(client, convs: list[list[dict]], max_tokens: int, *, database_url: str, poll: float,
+                  meter: CpuMeter | None = None) -> dict:
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": "demo-v4", "messages": conv, "max_tokens": max_tokens, "temperature": 0}})
              for i, conv in enumerate(convs)]
     uploaded = client.files.create(file=("bench.jsonl", io.BytesIO(("\n".join(lines) + "\n").encode())),
                                    purpose="batch")
-    started = time.perf_counter()
+    if meter is not None:
+        meter.start()
+    submitted = time.time()
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
+    created = time.time()
     while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        time.sleep(0.1)
+        time.sleep(poll)
         batch = client.batches.retrieve(batch.id)
-    seconds = time.perf_counter() - started
+    seen = time.time() - submitted
+    cpu = meter.stop() if meter is not None else None
     if batch.status != "completed" or batch.request_counts.failed:
         raise RuntimeError(f"the batch ended {batch.status}: {batch}")
+    phases = _phases(database_url, batch.id, submitted, created)
+    seconds = phases["completed"]
     output = [json.loads(raw) for raw in client.files.content(batch.output_file_id).text.splitlines()]
     texts = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in output}
     completion = batch.usage.output_tokens
     return {"seconds": round(seconds, 3), "completion_tokens": completion, "prompt_tokens": batch.usage.input_tokens,
-            "tokens_per_second": round(completion / seconds, 2),
+            "tokens_per_second": round(completion / seconds, 2), "seconds_seen_by_client": round(seen, 3),
+            "phases": phases, **({"cpu_seconds": cpu} if cpu is not None else {}),
             "texts": [texts[f"r{i}"] for i in range(len(convs))]}
 
 
@@ -198,18 +294,20 @@ def run(args) -> dict:
               "git": git_commit(), "model": str(MODEL.relative_to(ROOT)), "device": "cpu",
               "workload": {"requests": args.requests, "max_tokens": args.max_tokens, "seed": args.seed,
                            "endpoint": "/v1/chat/completions", "temperature": 0,
-                           "chunk_lines": args.chunk_lines, "feeders": args.feeders, "rounds": args.rounds}}
+                           "chunk_lines": args.chunk_lines, "feeders": args.feeders, "rounds": args.rounds,
+                           "poll_seconds": args.poll}}
     stack = Stack(args.database_url, args.broker_url, workdir, args.chunk_lines, args.feeders)
     base, key = stack.start()
     engine = Offline(args.max_tokens)
     rounds = []
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600)
-        through_batch(client, convs[:2], args.max_tokens)  # warm the worker's engine as offline's warm-up does
+        batch = {"database_url": args.database_url, "poll": args.poll}
+        through_batch(client, convs[:2], args.max_tokens, **batch)  # warm the worker's engine as offline's warm-up does
         for number in range(args.rounds):  # alternated, so a busy minute on this shared VM hits both
             print(f"[bench] round {number + 1}: offline, then through the Batch API", file=sys.stderr)
             rounds.append({"offline_llm_chat": engine.run(convs), "citadel_batch_api": through_batch(
-                client, convs, args.max_tokens)})
+                client, convs, args.max_tokens, meter=stack.meter, **batch)})
     finally:
         engine.close()
         stack.stop()
@@ -253,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="offline then batch, this many times; best of each")
     parser.add_argument("--chunk-lines", type=int, default=64, help="CITADEL_BATCH_CHUNK_LINES of the worker")
     parser.add_argument("--feeders", type=int, default=3, help="CITADEL_BATCH_FEEDERS of the worker")
+    parser.add_argument("--poll", type=float, default=0.25, help="seconds between the client's status reads")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/citadel_bench_batch",
                         help="a PostgreSQL database the benchmark may drop and create")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/11", help="a Redis database it may flush")
