@@ -23,8 +23,13 @@ asyncio loop over httpx rather than locust, which is installable here: locust's 
 each response before sending the next request (a closed loop), and its load generator would
 compete with the server for this machine's two cores through gevent as well.
 
-Everything runs in a scratch database created on the PostgreSQL server and dropped at the end;
-the Redis database given by --redis-url is emptied before and after. Ends with one JSON line (also
+PostgreSQL is a private cluster made with initdb and run by pg_ctl on a free port (removed at the
+end), with room for every web thread's and worker thread's connection (max_connections 500): a
+shared server's 100 connections would run out at 100 requests in flight and fail its other users.
+Its durability settings are PostgreSQL's defaults (fsync and synchronous commits on), as in
+production, since every request appends to the audit log. --server-url uses an existing server
+instead (a scratch database on it). The Redis database given by --redis-url is emptied before
+and after. Ends with one JSON line (also
 written to --out). The numbers of a run on a busy shared machine are provisional.
 
     python -m bench.gateway --quick
@@ -39,6 +44,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -60,9 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short phases (about two minutes in all)")
     parser.add_argument("--out", type=Path, help="also write the result here (JSON)")
-    parser.add_argument("--server-url", default=os.environ.get("CITADEL_BENCH_POSTGRES_URL",
-                                                             "postgres://postgres@127.0.0.1:5432/postgres"),
-                        help="a PostgreSQL database to connect to for creating the scratch database")
+    parser.add_argument("--server-url", default=os.environ.get("CITADEL_BENCH_POSTGRES_URL"),
+                        help="an existing PostgreSQL server's database to create the scratch database from "
+                             "(default: a private cluster made with initdb)")
     parser.add_argument("--redis-url", default=os.environ.get("CITADEL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/4"),
                         help="the broker; this Redis database is emptied before and after the run")
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second of the headline phase")
@@ -334,24 +340,73 @@ async def _measure(base_url: str, key: str, args: argparse.Namespace) -> dict:
     return {"headline": headline, "steps": steps, "sse": sse}
 
 
+class PrivatePostgres:
+    """A PostgreSQL cluster of the benchmark's own: initdb in a temporary folder, pg_ctl on a free port."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.data = root / "data"
+
+    @staticmethod
+    def _binary(name: str) -> str:
+        import glob
+        import shutil
+
+        found = shutil.which(name) or (sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [None])[-1]
+        if found is None:
+            raise RuntimeError(f"{name} not found: install PostgreSQL's server package, or pass --server-url")
+        return found
+
+    def _run(self, *cmd: str) -> None:
+        if os.geteuid() == 0:  # PostgreSQL will not run as root
+            cmd = ("runuser", "-u", "postgres", "--", *cmd)
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+
+    def start(self) -> str:
+        import shutil
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run(self._binary("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = "
+                       f"'{self.root}'\nmax_connections = 500\n")
+        self._run(self._binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "start",
+                  "-w", "-t", "60")
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        try:
+            self._run(self._binary("pg_ctl"), "-D", str(self.data), "stop", "-m", "immediate", "-w", "-t", "60")
+        except (subprocess.SubprocessError, RuntimeError):
+            pass
+
+
 def run(args: argparse.Namespace) -> dict:
     import psycopg
     import redis
 
     name = f"citadel_bench_gateway_{os.getpid()}"
-    base, _, _ = args.server_url.rpartition("/")
-    database_url = f"{base}/{name}"
-    admin_url = args.server_url.replace("postgres://", "postgresql://", 1)
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.execute(f'CREATE DATABASE "{name}"')
-    redis.Redis.from_url(args.redis_url).flushdb()
-    processes = []
+    processes, private = [], None
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as scratch:
         scratch = Path(scratch)
+        scratch.chmod(0o755)  # the private cluster's user (postgres, when this runs as root) goes inside
         (scratch / "logs").mkdir()
+        if args.server_url:
+            server_url = args.server_url
+        else:
+            private = PrivatePostgres(scratch / "postgres")
+            server_url = private.start()
+        base, _, _ = server_url.rpartition("/")
+        database_url = f"{base}/{name}"
+        admin_url = server_url.replace("postgres://", "postgresql://", 1)
         env = _env(database_url, args.redis_url, scratch / "data")
         try:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+                admin.execute(f'CREATE DATABASE "{name}"')
+            redis.Redis.from_url(args.redis_url).flushdb()
             key = _prepare(env)
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
@@ -363,9 +418,13 @@ def run(args: argparse.Namespace) -> dict:
             from django.db import connection
 
             connection.close()
-            with psycopg.connect(admin_url, autocommit=True) as admin:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [name])
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            if private is not None:
+                private.stop()
+            else:
+                with psycopg.connect(admin_url, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                                  [name])
+                    admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
             redis.Redis.from_url(args.redis_url).flushdb()
     headline, steps, sse = measured["headline"], measured["steps"], measured["sse"]
     sustained = [step["offered_rps"] for step in steps if step["sustained"]]
@@ -382,7 +441,8 @@ def run(args: argparse.Namespace) -> dict:
                    "stream_tokens": args.stream_tokens, "background_rate": args.background_rate,
                    "web": f"gunicorn gthread {args.web_workers}x{args.web_threads}",
                    "stub_worker_concurrency": args.worker_concurrency, "broker": "redis",
-                   "settings": "citadel.settings.production"},
+                   "settings": "citadel.settings.production",
+                   "postgres": "private cluster (initdb), default durability" if private else "given server"},
         **values,
         "max_rps": max(sustained, default=None),
         "headline": headline, "max_rps_steps": steps, "sse": sse,
@@ -399,6 +459,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so the processes, the database and the cluster go too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     result = run(args)
     print(f"{'phase':<22}{'offered':>9}{'answered':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
