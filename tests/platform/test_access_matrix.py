@@ -447,11 +447,12 @@ def test_an_operator_manages_deployments_and_an_ml_engineer_cannot(world):
 
 def test_an_auditor_changes_nothing_in_the_console_either(world):
     """Every console route (found in the URL conf, so later pages are covered too) refuses an
-    auditor's POST, except signing in and out."""
+    auditor's POST, except signing in and out and their own password and sessions."""
     auditor = Client()
     auditor.force_login(world.users[Role.AUDITOR])
     console = [route for route, *_ in _walk_all(get_resolver().url_patterns)
                if not route.startswith(("api/", "v1/", "admin/", "sso/", "login/", "logout/", "account/totp/",
+                                        "account/password/", "account/sessions/",
                                         "static/", "healthz", "readyz", "metrics"))]
     assert "playground/stream" in console and "account/" in console
     for route in console:
