@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class ChaosStack:
     processes: dict = field(default_factory=dict)
     base_url: str = ""
     api_key: str = ""
+    restarts: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -82,6 +86,24 @@ class ChaosStack:
         self.wait(lambda: httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200, 90, "gunicorn answering")
         for name in WORKERS:
             self.wait_worker_online(name)
+        threading.Thread(target=self._supervise, name="chaos-supervisor", daemon=True).start()
+
+    def _supervise(self) -> None:
+        """Restart a worker process that exits by itself, as systemd's Restart=on-failure does in
+        production (ansible/roles/citadel_worker): Celery ends a worker whose broker connection
+        fails in a way it cannot recover from (seen when Redis restarts under load)."""
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                for key, process in list(self.processes.items()):
+                    if key in ("web", "beat") or process.poll() is None:
+                        continue
+                    self.restarts.append((key, process.returncode))
+                    if key == "housekeeping":
+                        self._spawn("housekeeping", [sys.executable, "-m", "citadel.cli", "worker", "--pool",
+                                                     "housekeeping", "--name", "housekeeping@chaos", "--control",
+                                                     "--concurrency", "2"])
+                    else:
+                        self.start_worker(key)
 
     def _spawn(self, key: str, cmd: list[str]) -> subprocess.Popen:
         log = self.logs() / f"{key.replace('@', '-')}.log"
@@ -95,12 +117,17 @@ class ChaosStack:
                                   "--concurrency", "4", "--loglevel", "info"])
 
     def kill_worker(self, name: str) -> None:
-        process = self.processes[name]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        """SIGKILL the worker and start it again at once, as its supervisor would."""
+        with self._lock:
+            process = self.processes[name]
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+            self.start_worker(name)
 
     def stop(self) -> None:
-        ls.stop(list(self.processes.values()))
+        self._stopping.set()
+        with self._lock:
+            ls.stop(list(self.processes.values()))
 
     # -- reading the truth ----------------------------------------------------------------------
 

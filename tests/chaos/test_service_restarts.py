@@ -73,7 +73,8 @@ def test_workers_consume_again_within_60_s_of_a_redis_restart_and_no_committed_j
     # Refused cleanly while the broker was away (503 broker_unavailable), never a server error or a hang.
     assert set(outcomes) <= {200, 503}, outcomes
     counts = _all_jobs_end(stack)
-    print(f"\nCHAOS redis restart: consuming again after {consuming_after:.1f}s; load={outcomes} jobs={counts}")
+    print(f"\nCHAOS redis restart: consuming again after {consuming_after:.1f}s; load={outcomes} jobs={counts} "
+          f"worker processes restarted by the supervisor={stack.restarts}")
     assert consuming_after < 60
 
 

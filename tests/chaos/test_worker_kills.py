@@ -31,9 +31,8 @@ def _kill_round(stack, victim: str, first_seed: int, requests: int = 4) -> list:
                                      (victim,)), 120, f"{victim} running a job")
         held = [row[0] for row in stack.sql("SELECT id FROM jobs_inferencejob WHERE status = 'running' "
                                             "AND worker_name = %s", (victim,))]
-        stack.kill_worker(victim)
+        stack.kill_worker(victim)  # and started again, as its supervisor would; it rejoins while others run its jobs
         killed = time.monotonic()
-        stack.start_worker(victim)  # as its supervisor would; it rejoins while the others run its jobs
         results = [future.result()[0] for future in futures]
     for job_id in held:
         stack.wait(lambda job_id=job_id: stack.sql("SELECT 1 FROM jobs_inferencejob WHERE id = %s AND status IN "
@@ -100,7 +99,6 @@ def test_a_worker_killed_mid_fine_tune_resumes_the_job_and_registers_its_model_o
         victim = stack.sql("SELECT worker_name FROM finetuning_finetuningjob WHERE id = %s", (job_id,))[0][0]
         stack.kill_worker(victim)
         killed = time.monotonic()
-        stack.start_worker(victim)
         stack.wait(lambda job_id=job_id: stack.sql("SELECT 1 FROM finetuning_finetuningjob WHERE id = %s AND status IN "
                                      "('succeeded', 'failed', 'cancelled')", (job_id,)), BOUND,
                    "the fine-tuning job of the killed worker finishing", interval=1.0)
