@@ -114,9 +114,14 @@ class ModelRunner:
             self.spec, self.block_size, self.cache.pool, slower["kv_host_bytes"], slower["kv_disk_bytes"],
             config.kv_disk_path, selective,
         )
-        # Prefix caching keeps slot snapshots in pages it addresses directly: not through the tiers (yet).
+        # Cached blocks are logical pages, in whichever tier holds them; slot snapshots (DeepSeek-V4)
+        # are copied by page id into the device pool, not through the tiers yet: no prefix cache there.
         self.block_manager = BlockManager(
-            self.spec, self.tiers.num_logical + 1, num_slots, self.block_size, prefix_caching=False
+            self.spec,
+            self.tiers.num_logical + 1,
+            num_slots,
+            self.block_size,
+            prefix_caching=config.enable_prefix_caching and not self.spec.slot_groups,
         )
         longest = self.block_manager.max_tokens_per_sequence()
         if not selective:  # every page of a step is on the device: a sequence fits the device tier

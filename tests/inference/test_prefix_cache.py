@@ -245,3 +245,26 @@ def test_a_cache_salt_must_be_a_string(tiny_checkpoint):
             llm.generate([[5, 6, 7]], GREEDY, cache_salt=7)
     finally:
         llm.close()
+
+
+def test_cached_prefixes_in_kv_tiers_give_the_same_tokens_as_an_untiered_uncached_engine(
+    tiny_checkpoint, tmp_path
+):
+    """A Qwen3-MoE's cached blocks are logical pages like any other: they work from any tier."""
+    folder = build_qwen3_moe_checkpoint(tmp_path / "qwen", tiny_checkpoint, seed=4)
+    settings = dict(max_num_seqs=4, max_num_batched_tokens=40)
+    probe = LLM(model=folder, device="cpu", dtype="float32", kv_cache_memory=1 << 22, **settings)
+    page = probe._loop.engine.runner.cache.page_bytes
+    probe.close()
+    tiers = dict(
+        kv_device_bytes=12 * page,
+        kv_host_bytes=30 * page,
+        kv_disk_bytes=400 * page,
+        kv_disk_path=str(tmp_path / "d"),
+    )
+    first, second = shared_prefix_prompts(500, 100, seed=5), shared_prefix_prompts(500, 100, seed=6)
+    prompts = first + second + first  # the second set pushes the first one's cached pages down a tier
+    cached, stats = run(folder, prompts, True, **settings, **tiers)
+    uncached, _ = run(folder, prompts, False, **settings)
+    assert_same(cached, uncached)
+    assert stats["prefix_hits"] > 0 and stats["kv_evictions"] > 0, stats
