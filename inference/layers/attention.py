@@ -2,9 +2,10 @@
 
 Each layer's cache is [num_pages, page_entries, 2, kv_heads, D] (K and V of one token side by
 side). A step first writes its new K/V at the slots the runner assigned, then:
-- decodes (one query token each) are served together, a decode step costing O(context), not
-  O(context^2): sorted by length, DECODE_GROUP at a time, their pages are gathered into padded
-  [b, L] batches of similar lengths behind a length mask;
+- decodes (one query token each) cost O(context), not O(context^2): on a CPU each sequence
+  gathers its pages and attends alone (_decode_each); on a GPU they are served together, sorted
+  by length, DECODE_GROUP at a time, their pages gathered into padded [b, L] batches of similar
+  lengths behind a length mask;
 - each prefill chunk attends to its sequence's cached context plus itself, causally. A first
   chunk uses its fresh K/V directly (nothing to gather).
 Scaled-dot-product attention does the arithmetic (grouped-query heads without copies).
@@ -33,11 +34,12 @@ def paged_attention(
     kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]
     cache[tables.slot_pages, tables.slot_offsets] = kv if kv.dtype == cache.dtype else kv.to(cache.dtype)
     nd = ctx.num_decodes
+    decode = _decode_each if q.device.type == "cpu" else _decode
     if nd == q.shape[0]:  # decodes only (nothing to copy the result into)
-        return _decode(q, cache, tables.block_tables, ctx, scale, sliding_window)
+        return decode(q, cache, tables.block_tables, ctx, scale, sliding_window)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], cache, tables.block_tables[:nd], ctx, scale, sliding_window)
+        out[:nd] = decode(q[:nd], cache, tables.block_tables[:nd], ctx, scale, sliding_window)
     for i in range(nd, ctx.num_seqs):
         s, e = ctx.query_starts[i], ctx.query_starts[i + 1]
         context_len = ctx.context_lens[i]
@@ -83,6 +85,30 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> to
 
 DECODE_GROUP = 8
 """Decodes are attended in groups of this many sequences of similar length (see _decode_groups)."""
+
+
+def _decode_each(q, cache, block_tables, ctx: ForwardContext, scale: float, sliding_window: int | None):
+    """_decode on a CPU: each sequence gathers its own pages and attends alone, without padding or mask.
+
+    Its gathered entries (~2 KiB per token) are still in the core's cache when SDPA reads them,
+    where a group's would not be: at 60 decodes of ~600 tokens a step ran ~40% faster this way
+    than in groups of 8 (and a sequence gets the same bits alone as in any batch).
+    """
+    page_entries = cache.shape[1]
+    key = ("decode_pages", block_tables.data_ptr(), page_entries)
+    pages = ctx.shared.get(key)
+    if pages is None:  # each sequence's page ids, shared by every layer of the step
+        pages = ctx.shared[key] = [
+            block_tables[i, : -(-length // page_entries)] for i, length in enumerate(ctx.context_lens[: q.shape[0]])
+        ]
+    outs = []
+    for i, ids in enumerate(pages):
+        length = ctx.context_lens[i]
+        kv = cache.index_select(0, ids).view(1, -1, *cache.shape[2:])  # [1, pages * page_entries, 2, Hkv, D]
+        kv = kv[:, max(0, length - sliding_window) if sliding_window is not None else 0 : length]
+        k_all, v_all = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [1, Hkv, L, D]
+        outs.append(_sdpa(q[i : i + 1, :, None], k_all, v_all, None, scale, causal=False)[:, :, 0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _decode(q, cache, block_tables, ctx: ForwardContext, scale: float, sliding_window: int | None):

@@ -1,6 +1,6 @@
 """Decode attention over the paged cache equals attention computed per sequence, for batches
-attended in one group and in several length-sorted groups, with and without a sliding window,
-whatever order the pages lie in; and freed pages are reused last-freed first."""
+attended in one group and in several length-sorted groups or one sequence at a time, with and
+without a sliding window, whatever order the pages lie in; and freed pages are reused last-freed first."""
 
 import random
 
@@ -47,11 +47,12 @@ def _context(lens):
     )
 
 
+@pytest.mark.parametrize("decode", ["_decode", "_decode_each"])  # grouped (GPUs), one sequence at a time (CPUs)
 @pytest.mark.parametrize("sliding_window", [None, 50])
 @pytest.mark.parametrize("num_seqs", [5, 3 * attention.DECODE_GROUP + 2])  # one group; several groups
-def test_decode_equals_attention_computed_per_sequence(num_seqs, sliding_window):
+def test_decode_equals_attention_computed_per_sequence(num_seqs, sliding_window, decode):
     q, cache, block_tables, lens = _decode_step(num_seqs, num_seqs=num_seqs, page_entries=8)
-    out = attention._decode(q, cache, block_tables, _context(lens), 0.25, sliding_window)
+    out = getattr(attention, decode)(q, cache, block_tables, _context(lens), 0.25, sliding_window)
     for i, n in enumerate(lens):
         first = 0 if sliding_window is None else max(n - sliding_window, 0)
         kv = cache[block_tables[i]].flatten(0, 1)[first:n]  # [n', 2, Hkv, D]
