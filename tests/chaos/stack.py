@@ -148,7 +148,7 @@ class ChaosStack:
             time.sleep(interval)
         raise TimeoutError(f"{what} did not happen within {timeout}s\n{self.log_tail()}")
 
-    def wait_worker_online(self, name: str, timeout: float = 120) -> None:
+    def wait_worker_online(self, name: str, timeout: float = 300) -> None:
         pid = self.processes[name].pid
         self.wait(lambda: self.sql("SELECT 1 FROM registry_worker WHERE name = %s AND pid = %s AND status = 'online' "
                                    "AND loaded_models::text <> '[]' AND last_heartbeat > now() - interval '5 seconds'",
