@@ -99,7 +99,8 @@ def _decode_each(q, cache, block_tables, ctx: ForwardContext, scale: float, slid
     pages = ctx.shared.get(key)
     if pages is None:  # each sequence's page ids, shared by every layer of the step
         pages = ctx.shared[key] = [
-            block_tables[i, : -(-length // page_entries)] for i, length in enumerate(ctx.context_lens[: q.shape[0]])
+            block_tables[i, : -(-length // page_entries)]
+            for i, length in enumerate(ctx.context_lens[: q.shape[0]])
         ]
     outs = []
     for i, ids in enumerate(pages):

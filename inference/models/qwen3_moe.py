@@ -64,7 +64,11 @@ class Qwen3MoeAttention(nn.Module):
             start = rows.stop
         self.qkv = (weight, bias)
         norms = (self.q_norm.weight, self.k_norm.weight)
-        if weight.dtype == torch.float32 and all(w.dtype == torch.float32 for w in norms) and self.q_norm.eps == self.k_norm.eps:
+        if (
+            weight.dtype == torch.float32
+            and all(w.dtype == torch.float32 for w in norms)
+            and self.q_norm.eps == self.k_norm.eps
+        ):
             self.qk_norm_weight = torch.cat(
                 (norms[0].expand(self.num_heads, -1), norms[1].expand(self.num_kv_heads, -1))
             )
@@ -72,7 +76,11 @@ class Qwen3MoeAttention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> q [T, Hq * D], k and v [T, Hkv * D]."""
         if self.qkv is not None:
-            if type(self.q_proj) is nn.Linear and type(self.k_proj) is nn.Linear and type(self.v_proj) is nn.Linear:
+            if (
+                type(self.q_proj) is nn.Linear
+                and type(self.k_proj) is nn.Linear
+                and type(self.v_proj) is nn.Linear
+            ):
                 q_size = self.q_proj.out_features
                 kv_size = self.k_proj.out_features
                 return F.linear(x, *self.qkv).split((q_size, kv_size, kv_size), dim=-1)
