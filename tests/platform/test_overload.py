@@ -127,6 +127,7 @@ def test_admission_reads_the_load_of_every_candidate_pool_in_one_query(world, dj
 
 
 @pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)  # the test database, and writes the stack sees (committed)
 def test_a_live_stack_answers_429_with_retry_after_when_its_pool_is_saturated(live_stack, django_db_blocker, settings):
     with django_db_blocker.unblock():
         pool = WorkerPool.objects.get(name=live_stack.pool)
