@@ -71,12 +71,13 @@ class BlockManager:
         return self.prefix.match(self._hashes(seq, limit))
 
     def chunk(self, seq: Sequence, start: int, count: int) -> int:
-        """`count` tokens from `start`, cut to end at the next block boundary when the model's
-        per-sequence state must be snapshotted there (so a later hit can resume from it)."""
+        """`count` tokens from `start`, cut to end at the last block boundary they reach when the
+        model's per-sequence state must be snapshotted there (so a later hit can resume from it);
+        a chunk that reaches no boundary is left whole."""
         if self.prefix is None or not self.prefix.needs_snapshot:
             return count
-        boundary = (start // self.prefix.block_tokens + 1) * self.prefix.block_tokens
-        return min(count, boundary - start)
+        boundary = (start + count) // self.prefix.block_tokens * self.prefix.block_tokens
+        return boundary - start if boundary > start else count
 
     def cache_blocks(self, seq: Sequence) -> None:
         """After a step: make the full blocks `seq` has just computed cached blocks."""

@@ -124,7 +124,7 @@ def test_demo_v4_gives_the_same_tokens_and_logprobs_with_prefix_hits():
 
 def test_preemption_and_eviction_under_a_small_cache_change_no_token(wide_indexer_v4):
     prompts = shared_prefix_prompts(500, 100, seed=1) * 2
-    settings = dict(block_size=2, max_num_seqs=4, kv_cache_memory=4 * 22528 + 60 * 768)
+    settings = dict(block_size=2, max_num_seqs=4, kv_cache_memory=4 * 22528 + 50 * 768)
     cached, stats = run(wide_indexer_v4, prompts, True, **settings)
     uncached, _ = run(wide_indexer_v4, prompts, False, **settings)
     assert_same(cached, uncached)
@@ -139,7 +139,7 @@ def hits_after(llm, prompt, **kwargs) -> int:
 
 def test_a_salt_hits_only_its_own_cached_prefixes(wide_indexer_v4):
     prompts = shared_prefix_prompts(500, 110, seed=2)
-    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", block_size=2)
+    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", block_size=2, max_num_batched_tokens=48)
     try:
         assert hits_after(llm, prompts[0], cache_salt="team-a") == 0
         assert hits_after(llm, prompts[2], cache_salt="team-b") == 0
