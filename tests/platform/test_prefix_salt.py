@@ -113,3 +113,29 @@ def test_the_worker_passes_the_salt_so_only_the_same_team_hits_the_cached_prefix
         assert hits_for(keys["none"]) == 0
     finally:
         llm.close()
+
+
+def test_a_batch_is_salted_with_its_team_like_the_teams_single_requests(keys, make_job):
+    """Batch lines run through llm.chat/generate (citadel.batches.tasks._run_chunk) with the salt of
+    the batch's team, so a batch never shares cached prefixes with another team's requests."""
+    from types import SimpleNamespace
+
+    from citadel.batches import tasks as batch_tasks
+    from citadel.batches.models import Batch
+
+    seen = []
+
+    class RecordingEngine:
+        def generate(self, prompts, params, lora_request=None, cache_salt=None):
+            seen.append(cache_salt)
+            return [SimpleNamespace(text="ok", finish_reason="length", prompt_token_ids=[1], token_ids=[2])
+                    for _ in prompts]
+
+    job = make_job(keys["a1"])
+    batch = SimpleNamespace(team_id=job.team_id, api_key_id=keys["a2"].pk, adapter=None,
+                            endpoint=Batch.Endpoint.COMPLETIONS, model=job.model)
+    line = SimpleNamespace(pk=1, payload={"prompt": "hello", "sampling": {"max_tokens": 1}})
+    results = batch_tasks._run_chunk(RecordingEngine(), batch, [line])
+    assert results[1]["text"] == "ok"
+    assert seen == [job_cache_salt(job)] and seen[0] is not None
+    assert seen[0] != job_cache_salt(make_job(keys["b"]))

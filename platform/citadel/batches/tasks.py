@@ -43,6 +43,7 @@ def _run_chunk(llm, batch: Batch, lines: list[BatchRequest]) -> dict:
     """{line pk: result} for one chunk. Lines whose settings the engine refuses fail alone; if the
     engine refuses the chunk as a whole (a chat template rejecting one conversation), each line
     is tried on its own so that only the guilty one fails."""
+    from citadel.jobs.prefix_salt import job_cache_salt
     from citadel.usage.metrics import observe_batch_chunk
 
     results, runnable, params = {}, [], []
@@ -61,11 +62,12 @@ def _run_chunk(llm, batch: Batch, lines: list[BatchRequest]) -> dict:
 
         lora = LoRARequest(name=batch.adapter["name"], path=batch.adapter["path"])
 
+    salt = job_cache_salt(batch)  # the team's prefix-cache namespace, as for single requests
+
     def run(group, group_params):
         if batch.endpoint == Batch.Endpoint.CHAT:
-            return llm.chat([line.payload["messages"] for line in group], group_params, lora)
-        return llm.generate([line.payload["prompt"] for line in group], group_params, lora)
-
+            return llm.chat([line.payload["messages"] for line in group], group_params, lora, salt)
+        return llm.generate([line.payload["prompt"] for line in group], group_params, lora, salt)
 
     started = time.monotonic()
     try:

@@ -15,7 +15,8 @@ from django.conf import settings
 
 
 def job_cache_salt(job) -> str | None:
-    """The cache salt of `job`: from its team, else its API key; None for jobs made by neither."""
+    """The cache salt of `job` (an inference job or a batch): from its team, else its API key; None
+    for jobs made by neither."""
     if job.team_id is not None:
         subject = f"team:{job.team_id}"
     elif job.api_key_id is not None:
