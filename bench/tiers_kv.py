@@ -223,16 +223,23 @@ def run(quick: bool) -> dict:
     }
 
 
-def _report_progress(llm, tokens: int, done: threading.Event, every: float = 60.0) -> None:
-    """A line on stderr every `every` seconds: how far the prefill is, and the tiers' bytes."""
+def _report_progress(llm, tokens: int, done: threading.Event, lines: list, every: float = 60.0) -> None:
+    """A line on stderr every `every` seconds: how far the prefill is, the prefill rate since the last
+    line (flat if a chunk costs the same at every depth) and the tiers' bytes; kept in `lines` too."""
     started = time.perf_counter()
+    last = (0.0, 0)
     while not done.wait(every):
         stats = llm.stats()
+        elapsed, prefilled = time.perf_counter() - started, stats["prefill_tokens"]
         line = {
-            "elapsed_s": round(time.perf_counter() - started),
-            "prefilled": f"{stats['prefill_tokens']}/{tokens}",
+            "elapsed_s": round(elapsed),
+            "prefilled": f"{prefilled}/{tokens}",
+            "tokens_per_s_since_last": round((prefilled - last[1]) / max(elapsed - last[0], 1e-9), 1),
+            "load_average_1m": round(os.getloadavg()[0], 1),
             **{k: stats[k] for k in ("kv_device_bytes", "kv_host_bytes", "kv_disk_bytes") if k in stats},
         }
+        last = (elapsed, prefilled)
+        lines.append(line)
         print(json.dumps(line), file=sys.stderr, flush=True)
 
 
@@ -266,7 +273,8 @@ def long_context(
         prompt = torch.randint(7, 1000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
         llm = LLM(folder, device="cpu", dtype="float32", **settings, **budgets)
         done = threading.Event()
-        threading.Thread(target=_report_progress, args=(llm, tokens, done), daemon=True).start()
+        progress: list[dict] = []
+        threading.Thread(target=_report_progress, args=(llm, tokens, done, progress), daemon=True).start()
         try:
             started = time.perf_counter()
             first = None
@@ -286,6 +294,8 @@ def long_context(
         "long_context_tokens": tokens,
         "long_context_output_tokens": len(generated),
         "long_context_prefill_seconds": round(first, 1),
+        "long_context_prefill_tokens_per_second": round(tokens / first, 1),
+        "long_context_chunk_tokens": chunk,
         "long_context_decode_seconds_per_token": round((total - first) / max(len(generated) - 1, 1), 3),
         "long_context_wall_seconds": round(total, 1),
         "long_context_kv_needed_bytes": needed,
@@ -297,4 +307,5 @@ def long_context(
             "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         },
         "long_context_tier_stats": {k: v for k, v in stats.items() if k.startswith("kv_")},
+        "long_context_progress": progress,
     }

@@ -33,11 +33,19 @@ from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweight
 SCORE_BUDGET = 1 << 24
 
 
+def batched_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [Q, H, a] @ y [Q or 1, a, b] -> [Q, H, b]; a y shared by every query (HCA's entries of one
+    sequence) is one [Q*H, a] x [a, b] GEMM, not Q small ones over a broadcast copy of y (same values)."""
+    if y.shape[0] != 1:
+        return torch.matmul(x, y)
+    return torch.matmul(x.reshape(-1, x.shape[-1]), y[0]).view(*x.shape[:-1], y.shape[-1])
+
+
 def softmax_with_sink(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """scores [..., H, n] (masked with -inf), sinks [H] -> probabilities [..., H, n] without the sink's."""
     sink = sinks.view(*([1] * (scores.dim() - 2)), -1, 1).expand(*scores.shape[:-1], 1)
     combined = torch.cat([scores, sink], dim=-1)  # float32 (the sink is)
-    combined = combined - combined.amax(dim=-1, keepdim=True)
+    combined -= combined.amax(dim=-1, keepdim=True)
     return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
@@ -105,12 +113,29 @@ def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tens
     if bool(tied.any()):
         if ties is not None and ties[2] is not None:
             ties[2].scatter_reduce_(0, ties[0][tied], ties[1][tied], "amin")
-        for row in tied.nonzero().flatten().tolist():
-            length, seen = int(hf_len[row]), int(visible[row])
-            padded = scores.new_full((length,), float("-inf"))
-            padded[:seen] = scores[row, :seen]
-            ids[row] = padded.topk(k).indices
+        _retop_tied_rows(scores, visible, hf_len, k, tied.nonzero().flatten(), ids)
     return ids, ids < visible[:, None]
+
+
+def _retop_tied_rows(scores, visible, hf_len, k: int, rows: torch.Tensor, ids: torch.Tensor) -> None:
+    """ids[row] = top-k of scores[row, :visible] padded with -inf to hf_len[row], for each tied row.
+
+    Rows of one length are re-ranked together, a few at a time (SCORE_BUDGET elements): torch.topk
+    ranks each row of a batch on its own, with the algorithm a single row of that length gets, so
+    the result is the per-row one without a Python loop per query (a long prompt's prefill ties
+    on thousands of queries, each on a row of prompt_len // m entries)."""
+    lengths = hf_len[rows]
+    for length in torch.unique(lengths).tolist():
+        group = rows[lengths == length]
+        per_batch = max(1, SCORE_BUDGET // max(length, 1))
+        for start in range(0, len(group), per_batch):
+            part = group[start : start + per_batch]
+            seen = visible[part]
+            width = min(length, scores.shape[1])
+            cols = torch.arange(width, device=scores.device)
+            padded = scores.new_full((len(part), length), float("-inf"))
+            padded[:, :width] = scores[part, :width].masked_fill(cols >= seen[:, None], float("-inf"))
+            ids[part] = padded.topk(k, dim=-1).indices
 
 
 class Indexer(nn.Module):
@@ -133,9 +158,13 @@ class Indexer(nn.Module):
 
     def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [Q, nh, ihd], weights [Q, nh], keys [Q or 1, N, ihd] -> [Q, N] float32."""
-        s = torch.matmul(q, keys.float().transpose(-1, -2))  # [Q, nh, N]
-        s = F.relu(s) * self.dim**-0.5
-        return (s * weights[..., None]).sum(dim=1)
+        if keys.shape[0] == 1:  # one sequence's keys for every query (prefill): one [Q*nh, ihd] x [ihd, N] GEMM
+            s = torch.matmul(q.reshape(-1, q.shape[-1]), keys[0].float().t()).view(*q.shape[:2], -1)
+        else:
+            s = torch.matmul(q, keys.float().transpose(-1, -2))  # [Q, nh, N]
+        # In place, in transformers' order (relu, scale, weight, sum): the [Q, nh, N] scores of a long
+        # context are the largest tensor of a step, and fresh ones cost page faults each time.
+        return s.relu_().mul_(self.dim**-0.5).mul_(weights[..., None]).sum(dim=1)
 
 
 class Attention(nn.Module):
@@ -300,11 +329,11 @@ class Attention(nn.Module):
                 out[a:b] = torch.matmul(softmax_with_sink(scores, self.attn_sink).to(q.dtype), keys)
                 continue
             extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.prompt_lens[i], batch)
-            extra = torch.matmul(q[a:b], extra_keys.transpose(-1, -2)) * self.scaling  # [Lb, H, K]
-            extra = extra.masked_fill(~chosen[:, None], float("-inf"))
+            extra = batched_matmul(q[a:b], extra_keys.transpose(-1, -2)).mul_(self.scaling)  # [Lb, H, K]
+            extra = extra.masked_fill_(~chosen[:, None], float("-inf"))
             probs = softmax_with_sink(torch.cat([scores, extra], dim=-1), self.attn_sink).to(q.dtype)
             nw = keys.shape[0]
-            out[a:b] = torch.matmul(probs[..., :nw], keys) + torch.matmul(probs[..., nw:], extra_keys)
+            out[a:b] = torch.matmul(probs[..., :nw], keys) + batched_matmul(probs[..., nw:], extra_keys)
         return out
 
     def _sequence_entries(self, i, entries, index, batch: V4Batch) -> _SequenceEntries | None:
@@ -332,7 +361,7 @@ class Attention(nn.Module):
         if self.indexer is None:  # HCA: every visible entry
             return seq.entries[None], ids < visible[:, None]
         scores = self.indexer.scores(seq.queries[a:b], seq.weights[a:b], seq.index_keys[None])  # [Lb, N]
-        scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
+        scores = scores.masked_fill_(ids >= visible[:, None], float("-inf"))
         hf_len = torch.where(qp < prompt_len, prompt_len // seq.rate, visible)
         ties = (torch.full_like(qp, seq.row), qp, batch.first_tie)
         ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k, ties)  # [Lb, K]

@@ -223,3 +223,34 @@ def test_a_selective_device_tier_smaller_than_one_step_writes_is_rejected(tiny_c
     probe.close()
     with pytest.raises(ValueError, match="kv_device_bytes.*max_num_batched_tokens"):
         LLM(tiny_checkpoint, device="cpu", dtype="float32", max_num_seqs=4, kv_device_bytes=slots + 3 * page)
+
+
+def test_tied_indexer_rows_are_re_ranked_as_transformers_ranks_each_row_on_its_own():
+    """A long prompt's prefill ties on thousands of queries: select_top_k re-ranks them in batches,
+    and must pick exactly what a row-at-a-time ranking of each (padded to its own length) picks."""
+    from inference.models.deepseek_v4_attention import select_top_k
+
+    def one_row_at_a_time(scores, visible, hf_len, k):
+        values, ids = scores.topk(k + 1, dim=-1)
+        ids = ids[:, :k].clone()
+        for row in ((visible > k) & (values[:, k - 1] == values[:, k])).nonzero().flatten().tolist():
+            padded = scores.new_full((int(hf_len[row]),), float("-inf"))
+            padded[: int(visible[row])] = scores[row, : int(visible[row])]
+            ids[row] = padded.topk(k).indices
+        return ids
+
+    generator = torch.Generator().manual_seed(0)
+    ties = 0
+    for _ in range(20):
+        queries, n = 48, int(torch.randint(10, 2000, (1,), generator=generator))
+        scores = torch.relu(torch.randn(queries, n, generator=generator) - 1.5).round(decimals=1)
+        visible = torch.randint(1, n + 1, (queries,), generator=generator)
+        scores = scores.masked_fill(torch.arange(n)[None] >= visible[:, None], float("-inf"))
+        prompt_rows = torch.rand(queries, generator=generator) < 0.5  # prompt queries: one longer row length
+        hf_len = torch.where(prompt_rows, torch.full((queries,), n + 300), visible)
+        values = scores.topk(9, dim=-1).values
+        ties += int(((visible > 8) & (values[:, 7] == values[:, 8])).sum())
+        ids, chosen = select_top_k(scores, visible, hf_len, 8)
+        assert torch.equal(ids, one_row_at_a_time(scores, visible, hf_len, 8))
+        assert torch.equal(chosen, ids < visible[:, None])
+    assert ties > 100  # the case under test did occur
