@@ -184,16 +184,19 @@ class ChaosStack:
 def check_no_duplicate_side_effects(stack: ChaosStack) -> dict:
     """Every inference job is finished, and each has exactly the side effects of one run: one usage
     row and one audit completion record when it succeeded, one audit completion when it failed."""
-    jobs = stack.sql("SELECT id, status, attempts FROM jobs_inferencejob")
+    jobs = stack.sql("SELECT id, status, attempts, error_code FROM jobs_inferencejob")
     usage = dict(stack.sql("SELECT source, count(*) FROM usage_usagerecord WHERE source LIKE 'job:%%' GROUP BY source"))
     completions = dict(stack.sql("SELECT details->>'job', count(*) FROM audit_auditrecord "
                                  "WHERE action LIKE 'inference.%%.complete' GROUP BY 1"))
     counts = {"jobs": len(jobs), "succeeded": 0, "failed": 0, "requeued": 0}
-    for job_id, status, attempts in jobs:
+    for job_id, status, attempts, error_code in jobs:
         assert status in TERMINAL, f"job {job_id} is {status}"
         counts[status] += 1
         counts["requeued"] += attempts > 1
-        assert completions.get(str(job_id), 0) == 1, f"job {job_id}: {completions.get(str(job_id), 0)} completions"
+        # A request refused at submit (no live worker) is recorded by its request's own audit record.
+        expected = 0 if error_code == "no_worker" else 1
+        assert completions.get(str(job_id), 0) == expected, \
+            f"job {job_id} ({status} {error_code}): {completions.get(str(job_id), 0)} completions"
         assert usage.get(f"job:{job_id.hex}", 0) == (1 if status == "succeeded" else 0), \
             f"job {job_id} ({status}): {usage.get(f'job:{job_id.hex}', 0)} usage rows"
     return counts
