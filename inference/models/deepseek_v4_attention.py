@@ -31,12 +31,17 @@ from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweight
 
 # Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
 SCORE_BUDGET = 1 << 24
+# Elements of indexer scores (queries x index heads x entries) computed at once in a prefill: 1 MiB.
+INDEX_TILE = 1 << 18
+# A key matrix shared by every query is folded into one GEMM from this many elements on (below it,
+# torch's batched kernels round a few products differently, and the product is cheap anyway).
+FOLD_MIN = 1 << 14
 
 
 def batched_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x [Q, H, a] @ y [Q or 1, a, b] -> [Q, H, b]; a y shared by every query (HCA's entries of one
     sequence) is one [Q*H, a] x [a, b] GEMM, not Q small ones over a broadcast copy of y (same values)."""
-    if y.shape[0] != 1:
+    if y.shape[0] != 1 or y[0].numel() < FOLD_MIN:
         return torch.matmul(x, y)
     return torch.matmul(x.reshape(-1, x.shape[-1]), y[0]).view(*x.shape[:-1], y.shape[-1])
 
@@ -158,13 +163,20 @@ class Indexer(nn.Module):
 
     def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [Q, nh, ihd], weights [Q, nh], keys [Q or 1, N, ihd] -> [Q, N] float32."""
-        if keys.shape[0] == 1:  # one sequence's keys for every query (prefill): one [Q*nh, ihd] x [ihd, N] GEMM
-            s = torch.matmul(q.reshape(-1, q.shape[-1]), keys[0].float().t()).view(*q.shape[:2], -1)
-        else:
+        scale, weights = self.dim**-0.5, weights[..., None]
+        if keys.shape[0] != 1 or keys[0].numel() < FOLD_MIN:
             s = torch.matmul(q, keys.float().transpose(-1, -2))  # [Q, nh, N]
-        # In place, in transformers' order (relu, scale, weight, sum): the [Q, nh, N] scores of a long
-        # context are the largest tensor of a step, and fresh ones cost page faults each time.
-        return s.relu_().mul_(self.dim**-0.5).mul_(weights[..., None]).sum(dim=1)
+            return s.relu_().mul_(scale).mul_(weights).sum(dim=1)
+        # One sequence's keys for every query (prefill): [Q*nh, ihd] x [ihd, tile] GEMMs over tiles of
+        # the entries, each tile's scores small enough to stay in the CPU's cache through the relu,
+        # scale, weight and sum (in place, in transformers' order: the same values as one big product).
+        flat, keys = q.reshape(-1, q.shape[-1]), keys[0].float()
+        out = q.new_empty(q.shape[0], keys.shape[0])
+        tile = max(256, INDEX_TILE // flat.shape[0])
+        for a in range(0, keys.shape[0], tile):
+            s = torch.matmul(flat, keys[a : a + tile].t()).view(*q.shape[:2], -1)
+            out[:, a : a + tile] = s.relu_().mul_(scale).mul_(weights).sum(dim=1)
+        return out
 
 
 class Attention(nn.Module):
