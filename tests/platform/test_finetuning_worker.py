@@ -241,10 +241,11 @@ def test_the_inference_task_passes_a_lora_request_only_for_a_fine_tuned_model():
         def stream_chat(self, messages, params, **kwargs):
             return kwargs
 
-    plain = SimpleNamespace(kind="chat", payload={"messages": [], "sampling": {}})
+    plain = SimpleNamespace(kind="chat", payload={"messages": [], "sampling": {}}, team_id=None, api_key_id=None)
     assert _events(Engine(), plain) == {}
     tuned = SimpleNamespace(kind="chat", payload={"messages": [], "sampling": {}, "adapter": {"name": "ft:a", "path":
-                                                                                                "/a"}})
+                                                                                                "/a"}},
+                            team_id=None, api_key_id=None)
     request = _events(Engine(), tuned)["lora_request"]
     assert (request.name, request.path) == ("ft:a", "/a")
 
