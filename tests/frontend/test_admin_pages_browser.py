@@ -4,13 +4,10 @@ in under the strict Content-Security-Policy), and deploy the model to a second p
 settings, watch its live status, then undeploy it through the confirmation page; import the tiny
 checkpoint again under a new name and watch the stack's worker hash and register it."""
 
-import os
-import shutil
 
 import pytest
 
-from tests.conftest import require
-from tests.frontend.test_console_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.frontend.chromium import chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db]
 USER, PASSWORD = "e2e-admin", "e2e-admin-password-123"  # the live stack's platform administrator
@@ -30,17 +27,8 @@ def admin_stack(live_stack, django_db_blocker):
 
 @pytest.fixture(scope="module")
 def browser(admin_stack):
-    require(shutil.which(CHROMIUM) is not None, f"Chromium at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # see test_console_browser.py
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            yield browser
-            browser.close()
-    finally:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

@@ -5,14 +5,11 @@ tiny checkpoint, then open the playground with the fine-tuned model chosen and c
 A second job is cancelled from its page."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
-from tests.frontend.test_console_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.frontend.chromium import chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db]
 
@@ -43,17 +40,8 @@ def finetuning_stack(live_stack, django_db_blocker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(finetuning_stack):
-    require(shutil.which(CHROMIUM) is not None, f"Chromium at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # see test_console_browser.py
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            yield browser
-            browser.close()
-    finally:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

@@ -18,8 +18,6 @@ Screenshots of the main pages go to var/screenshots/ (git-ignored).
 
 import http.client
 import json
-import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import require
-from tests.frontend.test_console_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.frontend.chromium import chromium
 from tests.frontend.test_finetuning_browser import TRAIN_LINES, curve_points, dataset, submit_job, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db]
@@ -82,17 +79,8 @@ def journey(live_stack, django_db_blocker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(journey):
-    require(shutil.which(CHROMIUM) is not None, f"Chromium at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # see test_console_browser.py
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            yield browser
-            browser.close()
-    finally:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

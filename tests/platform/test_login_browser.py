@@ -17,7 +17,7 @@ from citadel.audit.services import Actor
 from citadel.sso.services import group_mapping_create
 from tests import live_stack as ls
 from tests.conftest import database_url, require
-from tests.frontend.test_console_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.frontend.chromium import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
