@@ -87,6 +87,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "frontend.database_unavailable.DatabaseUnavailableMiddleware",  # PostgreSQL down: 503, not 500
     "citadel.core.middleware.RequestIdMiddleware",
     "citadel.core.unstorable.UnstorableTextMiddleware",  # NUL or a lone surrogate: 400 naming the field
     "citadel.usage.metrics.RequestMetricsMiddleware",
