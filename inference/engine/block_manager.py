@@ -18,7 +18,7 @@ the process's resident memory at what the busiest moment needed, not the whole r
 from __future__ import annotations
 
 from .cache import CacheSpec
-from .prefix_cache import CachedBlock, PrefixCache, block_hash
+from .prefix_cache import CachedBlock, PrefixCache, block_hash, tied_block_hash
 from .sequence import Sequence
 
 
@@ -68,7 +68,12 @@ class BlockManager:
         if self.prefix is None or seq.block_tables or seq.params.prompt_logprobs is not None:
             return []
         limit = (seq.num_tokens - 1) // self.prefix.block_tokens
-        return self.prefix.match(self._hashes(seq, limit))
+        length = seq.num_prompt_tokens
+        return self.prefix.match([(h, tied_block_hash(h, length)) for h in self._hashes(seq, limit)])
+
+    def block_hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The hashes of `seq`'s first `count` full blocks (what equal tokens from position 0 share)."""
+        return self._hashes(seq, count)
 
     def chunk(self, seq: Sequence, start: int, count: int) -> int:
         """`count` tokens from `start`, cut to end at the last block boundary they reach when the
@@ -87,16 +92,19 @@ class BlockManager:
         full = seq.num_computed_tokens // prefix.block_tokens
         hashes = self._hashes(seq, full)
         for k in range(len(seq.cached_blocks), full):
-            if (k + 1) * prefix.block_tokens > seq.first_tie:
-                break  # its entries depend on this prompt's length (Sequence.first_tie)
-            if hashes[k] in prefix.blocks:  # computed alongside another sequence: ours stays private
+            name, tied = hashes[k], (k + 1) * prefix.block_tokens > seq.first_tie
+            if tied:  # its entries depend on this prompt's length (Sequence.first_tie)
+                if (k + 1) * prefix.block_tokens > seq.num_prompt_tokens:
+                    break  # generated tokens broke no tie by the prompt's length: another prompt would
+                name = tied_block_hash(name, seq.num_prompt_tokens)
+            if name in prefix.blocks:  # computed alongside another sequence: ours stays private
                 seq.cached_blocks.append(None)
                 continue
             pages = [
                 table[k * n : (k + 1) * n]
                 for table, n in zip(seq.block_tables, prefix.pages_per_block, strict=True)
             ]
-            block = CachedBlock(hashes[k], pages, ref=1)
+            block = CachedBlock(name, pages, ref=1, tied=tied)
             ends_here = seq.num_computed_tokens == (k + 1) * prefix.block_tokens
             if prefix.needs_snapshot and ends_here and seq.slot is not None:
                 snapshot = self._take_pages(prefix.snapshot_pages)
@@ -170,6 +178,9 @@ class BlockManager:
                     table.extend(pages)
             seq.cached_blocks = list(hit)
             seq.num_computed_tokens = len(hit) * self.prefix.block_tokens
+            tied = next((k for k, block in enumerate(hit) if block.tied), None)
+            if tied is not None:  # the tie is within that block: what follows depends on the prompt's length
+                seq.first_tie = min(seq.first_tie, tied * self.prefix.block_tokens)
             if self.prefix.needs_snapshot:
                 self._loads.append((list(hit[-1].snapshot), seq.slot))
                 self.prefix.loading.add(hit[-1].hash)

@@ -114,14 +114,10 @@ class ModelRunner:
             self.spec, self.block_size, self.cache.pool, slower["kv_host_bytes"], slower["kv_disk_bytes"],
             config.kv_disk_path, selective,
         )
-        # Cached blocks are logical pages, in whichever tier holds them; slot snapshots (DeepSeek-V4)
-        # are copied by page id into the device pool, not through the tiers yet: no prefix cache there.
+        # Cached blocks are logical pages, in whichever tier holds them; so are the slot snapshots of
+        # DeepSeek-V4's blocks (brought to the device tier when one is saved or loaded: execute()).
         self.block_manager = BlockManager(
-            self.spec,
-            self.tiers.num_logical + 1,
-            num_slots,
-            self.block_size,
-            prefix_caching=config.enable_prefix_caching and not self.spec.slot_groups,
+            self.spec, self.tiers.num_logical + 1, num_slots, self.block_size, config.enable_prefix_caching
         )
         longest = self.block_manager.max_tokens_per_sequence()
         if not selective:  # every page of a step is on the device: a sequence fits the device tier
@@ -144,15 +140,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         saves, loads = self.block_manager.take_snapshots()
-        save_slots(self.cache, saves)  # before new slots are cleared: a freed slot may be one of them
+        place = self.tiers.on_device if self.tiers is not None else None  # snapshot pages are logical there
+        save_slots(self.cache, saves, place)  # before new slots are cleared: a freed slot may be one of them
         pages, slots = self.block_manager.take_new()
         if self.tiers is None:
             self.cache.zero(pages, slots)
+            load_slots(self.cache, loads)
         else:
             self.cache.zero([], slots)
+            load_slots(self.cache, loads, place)  # before staging, which may need the device pages it takes
             self.tiers.new_pages(pages)
             self.tiers.stage(batch.seqs, batch.num_tokens)
-        load_slots(self.cache, loads)
         # Decodes (one token) first, so attention serves them with one batched gather.
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]

@@ -18,6 +18,11 @@ boundary from pages alone: when a sequence's computed tokens reach a block's end
 scheduler ends prefill chunks there), the whole slot is copied into pages of the block's own
 (its snapshot), and a hit that ends at that block copies them back into the new sequence's slot.
 
+DeepSeek-V4 breaks exact ties of its indexer's top-k as transformers does, by the prompt's length
+(Sequence.first_tie): what a prompt computes from its first tie on depends on its length too. Blocks
+from there on (within the prompt) are cached under tied_block_hash, which adds the prompt's length,
+so they are reused exactly by prompts of the same length and never by others.
+
 Everything here is bookkeeping over page ids (the BlockManager holds the pages; the copies run
 on the cache memory in the model runner's step), so a cached page may live wherever the cache
 keeps its pages. A block is reference-counted by the sequences that use it; one nobody uses stays
@@ -46,6 +51,12 @@ def block_hash(parent: bytes | None, salt: str | None, adapter: str | None, toke
     return h.digest()
 
 
+def tied_block_hash(block: bytes, prompt_len: int) -> bytes:
+    """The name of a block computed after an indexer tie (Sequence.first_tie): its hash and the length
+    of the prompt that broke the tie, so only a prompt of that same length can reuse it."""
+    return hashlib.sha256(block + b"prompt_len" + prompt_len.to_bytes(8, "little")).digest()
+
+
 def tokens_per_page(spec: CacheSpec, block_size: int) -> list[int]:
     """Tokens one page of each paged group covers, in CacheSpec.paged_groups order."""
     return [spec.page_entries(g, block_size) * g.tokens_per_entry for g in spec.paged_groups]
@@ -62,6 +73,8 @@ class CachedBlock:
     """Pages holding the sequence's slot as it was at the block's end ([]: none taken)."""
     ref: int = 0
     """Sequences whose block tables hold this block."""
+    tied: bool = False
+    """Whether it was computed after an indexer tie (named by tied_block_hash: its prompt's length)."""
 
     @property
     def num_pages(self) -> int:
@@ -120,11 +133,12 @@ class PrefixCache:
             pages -= len(hit[-1].snapshot)
         return pages
 
-    def match(self, hashes: list[bytes]) -> list[CachedBlock]:
-        """The longest run of cached blocks from the first of `hashes` on (ending where a hit can resume)."""
+    def match(self, names: list[tuple[bytes, ...]]) -> list[CachedBlock]:
+        """The longest run of cached blocks from the first block on (ending where a hit can resume);
+        `names` gives each block's names, tried in order (its hash, then its tied_block_hash)."""
         found: list[CachedBlock] = []
-        for h in hashes:
-            block = self.blocks.get(h)
+        for candidates in names:
+            block = next((self.blocks[h] for h in candidates if h in self.blocks), None)
             if block is None:
                 break
             found.append(block)
@@ -190,19 +204,20 @@ class PrefixCache:
         }
 
 
-def save_slots(cache: PagedCache, copies: list[tuple[int, CachedBlock]]) -> None:
-    """Copy each (slot, block)'s slot bytes into the block's snapshot pages (skipped once evicted)."""
+def save_slots(cache: PagedCache, copies: list[tuple[int, CachedBlock]], place=None) -> None:
+    """Copy each (slot, block)'s slot bytes into the block's snapshot pages (skipped once evicted);
+    `place` maps page ids to pool pages (KVTiers.on_device: snapshots are logical pages under KV tiers)."""
     for slot, block in copies:
         if not block.snapshot:
             continue
-        pages = torch.tensor(block.snapshot, device=cache.pool.device)
+        pages = torch.tensor(place(block.snapshot) if place else block.snapshot, device=cache.pool.device)
         data = cache.pool.new_zeros(len(block.snapshot) * cache.page_bytes)
         data[: cache.slots.shape[1]] = cache.slots[slot]
         cache.pool[pages] = data.view(len(block.snapshot), cache.page_bytes)
 
 
-def load_slots(cache: PagedCache, copies: list[tuple[list[int], int]]) -> None:
-    """Copy each (snapshot pages, slot) back into the slot."""
+def load_slots(cache: PagedCache, copies: list[tuple[list[int], int]], place=None) -> None:
+    """Copy each (snapshot pages, slot) back into the slot (`place`: as in save_slots)."""
     for snapshot, slot in copies:
-        pages = torch.tensor(snapshot, device=cache.pool.device)
+        pages = torch.tensor(place(snapshot) if place else snapshot, device=cache.pool.device)
         cache.slots[slot] = cache.pool[pages].flatten()[: cache.slots.shape[1]]

@@ -16,6 +16,10 @@ prefix (block_manager.cached_prefix), and the full blocks a step completes are c
 committed; for models with per-sequence state, prefill chunks end at block boundaries so that
 state can be snapshotted there (block_manager.chunk).
 
+A waiting sequence whose prompt shares blocks that a running sequence is computing at the moment
+waits for them to be cached rather than computing them too (prefix-aware admission, see
+_awaits_prefix); the sequences behind it are considered meanwhile.
+
 A request served with a LoRA adapter is admitted only when its adapter is, or can be, loaded
 (see inference/lora/manager.py); otherwise it waits, and so do the requests queued behind it.
 """
@@ -88,12 +92,17 @@ class Scheduler:
                 continue
             # `seq` was the newest and preempted itself: nothing after it is left to serve.
 
-        # 2. Waiting sequences, oldest first, unless this step had to preempt (memory is tight).
-        while self.waiting and budget > 0 and not batch.num_preempted:
+        # 2. Waiting sequences, oldest first, unless this step had to preempt (memory is tight); one
+        #    whose prefix a running sequence is computing now is held back (skipped) until it is cached.
+        index = 0
+        while index < len(self.waiting) and budget > 0 and not batch.num_preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting[index]
             hit = self.block_manager.cached_prefix(seq)  # cached blocks it starts from (prefix caching)
+            if self._awaits_prefix(seq, hit):
+                index += 1
+                continue
             start = seq.num_computed_tokens + len(hit) * (self.block_manager.prefix.block_tokens if hit else 0)
             count = self.block_manager.chunk(seq, start, min(seq.num_tokens - start, budget))
             if not self.block_manager.can_grow(seq, start + count, hit) or not self._fits_step(batch, start + count):
@@ -102,7 +111,7 @@ class Scheduler:
                 if self.lora is None or not self.lora.acquire(seq.lora):
                     break  # every loaded adapter is in use: wait until one is free
                 seq.lora_held = True
-            self.waiting.popleft()
+            del self.waiting[index]
             self.block_manager.grow(seq, start + count, hit)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -110,6 +119,37 @@ class Scheduler:
             batch.num_tokens.append(count)
             budget -= count
         return batch
+
+    def _awaits_prefix(self, seq: Sequence, hit: list) -> bool:
+        """Whether a running sequence is computing, now, prompt blocks of `seq`'s beyond its hit that
+        `seq` could take from the cache once they are committed (prefix-aware admission).
+
+        Holding `seq` then saves computing the same prefix twice: in a burst of requests that share a
+        system prompt, only the first computes it, the others start from the cache. The hold cannot
+        starve or deadlock: it lasts only while that running sequence's prefill moves forward (it is
+        served before any waiting one), and ends when it has passed those blocks or left the batch.
+        """
+        prefix = self.block_manager.prefix
+        if prefix is None or seq.params.prompt_logprobs is not None or not self.running:
+            return False
+        n = prefix.block_tokens
+        resume = len(hit)  # blocks: where seq would start ...
+        limit = (seq.num_tokens - 1) // n  # ... and the most it may hit
+        if limit <= resume:
+            return False
+        mine = self.block_manager.block_hashes(seq, limit)
+        for other in self.running:
+            if not resume * n <= other.num_computed_tokens < other.num_prompt_tokens:
+                continue  # not prefilling, or behind seq's start (computing blocks seq already has)
+            shared = min(limit, other.num_prompt_tokens // n)
+            if other.first_tie < shared * n and other.num_prompt_tokens != seq.num_prompt_tokens:
+                shared = min(shared, other.first_tie // n)  # its blocks past a tie are for its length only
+            if other.num_computed_tokens >= shared * n:
+                continue
+            theirs = self.block_manager.block_hashes(other, shared)
+            if theirs[resume] == mine[resume]:
+                return True
+        return False
 
     def _fits_step(self, batch: ScheduledBatch, num_tokens: int) -> bool:
         """Whether one more sequence of `num_tokens` keeps the step's pages within step_page_limit."""

@@ -147,6 +147,17 @@ class KVTiers:
             if not self._to_device(page, pinned):
                 break  # the device tier is full of this step's pages: the rest is read where it is
 
+    def on_device(self, pages: list[int]) -> list[int]:
+        """The device pages of logical `pages`, brought into the device tier first where they are not.
+
+        For pages no block table names (the prefix cache's slot snapshots, engine/prefix_cache.py), read
+        or written before the step is staged: staging may then move them down a tier again."""
+        pinned: set[int] = {0}
+        for page in pages:
+            if not self._to_device(page, pinned):
+                raise RuntimeError(f"the device KV tier ({self.capacity[DEVICE]} pages) cannot hold {len(pages)} pages")
+        return [int(self.device_map[page]) for page in pages]
+
     def gather(
         self, group: str, layer: int, pages: torch.Tensor, offsets: torch.Tensor, columns: slice
     ) -> torch.Tensor:

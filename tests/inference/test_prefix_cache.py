@@ -19,6 +19,7 @@ from inference.engine.block_manager import BlockManager
 from inference.engine.cache import CacheGroup, CacheSpec
 from inference.engine.config import EngineConfig
 from inference.engine.prefix_cache import block_hash
+from inference.engine.scheduler import Scheduler
 from inference.engine.sequence import Sequence
 
 from .conftest import build_second_v4_checkpoint
@@ -97,11 +98,26 @@ def test_a_tiny_v4_gives_the_same_tokens_and_logprobs_with_prefix_hits(wide_inde
     assert stats["prefix_block_tokens"] == 48  # lcm of 8 tokens per CSA page and 48 per HCA page
 
 
-def test_v4_blocks_after_an_indexer_tie_are_not_cached_and_tokens_stay_the_same(tiny_checkpoint):
-    """The tiny V4 ties within its first block: the prompt's length broke the tie, so no other
-    prompt may reuse what it computed (Sequence.first_tie)."""
-    stats = check_model(tiny_checkpoint, 500, 110, expect_hits=False, block_size=2, max_num_batched_tokens=40)
-    assert stats["prefix_hits"] == 0
+def test_v4_blocks_after_an_indexer_tie_are_reused_only_by_prompts_of_the_same_length(tiny_checkpoint):
+    """The tiny V4 ties within its first block: the prompt's length broke the tie, so what it computed
+    from there on is reused by a prompt of the same length (transformers picks the same entries for
+    it) and by no prompt of another length (Sequence.first_tie, prefix_cache.tied_block_hash)."""
+    check_model(tiny_checkpoint, 500, 110, expect_hits=False, block_size=2, max_num_batched_tokens=40)
+    prompt = shared_prefix_prompts(500, 110)[0]  # 115 tokens
+    same_length, longer = prompt[:-1] + [4], prompt + [4]
+    settings = dict(block_size=2, max_num_batched_tokens=40)
+    llm = LLM(model=tiny_checkpoint, device="cpu", dtype="float32", **settings)
+    try:
+        assert hits_after(llm, prompt) == 0
+        blocks = llm._loop.engine.runner.block_manager.prefix.blocks.values()
+        assert blocks and all(block.tied for block in blocks)  # the tie is in the first block
+        assert hits_after(llm, longer) == 0
+        assert hits_after(llm, same_length) == 96  # both blocks its 114 reusable tokens span
+        outputs = [llm.generate([p], GREEDY)[0] for p in (same_length, longer)]  # from the cache
+    finally:
+        llm.close()
+    uncached, _ = run(tiny_checkpoint, [same_length, longer], False, **settings)
+    assert_same(outputs, uncached[:2])
 
 
 def test_a_second_v4_shape_gives_the_same_tokens_and_logprobs_with_the_prefix_cache(
@@ -123,7 +139,8 @@ def test_demo_v4_gives_the_same_tokens_and_logprobs_with_prefix_hits():
 
 
 def test_preemption_and_eviction_under_a_small_cache_change_no_token(wide_indexer_v4):
-    prompts = shared_prefix_prompts(500, 100, seed=1) * 2
+    one, other = shared_prefix_prompts(500, 100, seed=1), shared_prefix_prompts(500, 100, seed=9)
+    prompts = (one + other) * 2  # two prefixes computed at once (one request of each; the others wait)
     settings = dict(block_size=2, max_num_seqs=4, kv_cache_memory=4 * 22528 + 50 * 768)
     cached, stats = run(wide_indexer_v4, prompts, True, **settings)
     uncached, _ = run(wide_indexer_v4, prompts, False, **settings)
@@ -137,9 +154,27 @@ def hits_after(llm, prompt, **kwargs) -> int:
     return llm.stats()["prefix_hits"] - before
 
 
-def test_a_salt_hits_only_its_own_cached_prefixes(wide_indexer_v4):
+def tier_settings(path, tmp_path, device_pages: int, host_pages: int, disk_pages: int, **settings) -> dict:
+    """KV tiers of that many pages each (the device tier also holds the per-sequence slots)."""
+    probe = LLM(model=path, device="cpu", dtype="float32", kv_cache_memory=1 << 22, **settings)
+    runner = probe._loop.engine.runner
+    page, slots = runner.cache.page_bytes, runner.cache.slots.numel()
+    probe.close()
+    return dict(
+        kv_device_bytes=slots + device_pages * page,
+        kv_host_bytes=host_pages * page,
+        kv_disk_bytes=disk_pages * page,
+        kv_disk_path=str(tmp_path / "kv-disk"),
+    )
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["untiered", "kv-tiers"])
+def test_a_salt_hits_only_its_own_cached_prefixes(wide_indexer_v4, tmp_path, tiered):
     prompts = shared_prefix_prompts(500, 110, seed=2)
-    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", block_size=2, max_num_batched_tokens=48)
+    settings = dict(block_size=2, max_num_seqs=4, max_num_batched_tokens=48)
+    if tiered:
+        settings.update(tier_settings(wide_indexer_v4, tmp_path, 120, 40, 2000, **settings))
+    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", **settings)
     try:
         assert hits_after(llm, prompts[0], cache_salt="team-a") == 0
         assert hits_after(llm, prompts[2], cache_salt="team-b") == 0
@@ -268,3 +303,57 @@ def test_cached_prefixes_in_kv_tiers_give_the_same_tokens_as_an_untiered_uncache
     uncached, _ = run(folder, prompts, False, **settings)
     assert_same(cached, uncached)
     assert stats["prefix_hits"] > 0 and stats["kv_evictions"] > 0, stats
+
+
+def test_v4_cached_prefixes_in_kv_tiers_give_the_same_tokens_and_logprobs_as_a_plain_engine(
+    wide_indexer_v4, tmp_path
+):
+    """DeepSeek-V4's cached blocks and their slot snapshots are logical pages like any other: pushed
+    down to the host and disk tiers by later prompts, they are reused from there."""
+    settings = dict(block_size=2, max_num_seqs=4, max_num_batched_tokens=40)
+    tiers = tier_settings(wide_indexer_v4, tmp_path, 90, 30, 3000, **settings)
+    first, second = shared_prefix_prompts(500, 100, seed=5), shared_prefix_prompts(500, 100, seed=6)
+    prompts = first + second + first  # the second set pushes the first one's cached pages down a tier
+    cached, stats = run(wide_indexer_v4, prompts, True, **settings, **tiers)
+    plain, _ = run(wide_indexer_v4, prompts, False, **settings)
+    assert_same(cached, plain)
+    assert stats["prefix_hits"] > 0 and stats["kv_evictions"] > 0 and stats["kv_prefetch_hits"] > 0, stats
+
+
+def test_requests_arriving_together_compute_their_shared_prefix_once(wide_indexer_v4):
+    """All at once, the first request computes the shared prefix and the others wait for it to be
+    cached (prefix-aware admission) instead of computing it alongside: every other one hits it."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randint(3, 500, (200,), generator=g).tolist()
+    prompts = [base + torch.randint(3, 500, (10,), generator=g).tolist() for _ in range(8)]
+    settings = dict(block_size=2, max_num_seqs=8, max_num_batched_tokens=64)
+    llm = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", **settings)
+    try:
+        cached = llm.generate(prompts, GREEDY)
+        stats = llm.stats()
+    finally:
+        llm.close()
+    plain = LLM(model=wide_indexer_v4, device="cpu", dtype="float32", enable_prefix_caching=False, **settings)
+    try:
+        assert_same(cached, plain.generate(prompts, GREEDY))
+    finally:
+        plain.close()
+    assert stats["prefix_hits"] == 7 * 192  # the 4 blocks of 48 tokens under the 200 shared ones
+
+
+def test_a_waiting_request_is_held_for_a_prefix_being_computed_and_others_pass_it():
+    spec = CacheSpec((CacheGroup("kv", (0,), (2, 1, 4), torch.float32),))
+    manager = BlockManager(spec, num_pages=64, num_slots=0, block_size=2, prefix_caching=True)
+    scheduler = Scheduler(EngineConfig(max_num_seqs=8, max_num_batched_tokens=10, block_size=2), manager)
+    first = Sequence("first", None, list(range(1, 9)), SamplingParams(), detokenizer=None)
+    sharing = Sequence("sharing", None, list(range(1, 11)), SamplingParams(), detokenizer=None)
+    other = Sequence("other", None, [20, 21, 22], SamplingParams(), detokenizer=None)
+    for seq in (first, sharing, other):
+        scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert batch.seqs == [first, other] and batch.num_tokens == [8, 2]  # `sharing` waits, `other` passes
+    scheduler.commit(batch)
+    first.token_ids.append(5)
+    batch = scheduler.schedule()
+    assert batch.seqs[-1] is sharing and sharing.num_computed_tokens == 8  # it starts from the cache
+    assert manager.prefix.hit_tokens == 8
