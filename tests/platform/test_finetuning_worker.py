@@ -234,8 +234,13 @@ def test_a_fine_tuned_model_runs_on_its_base_deployment_with_its_adapter(world, 
     assert Model.objects.get(name="demo-v4").deployments.count() == 1  # the variant has none of its own
 
 
-def test_the_inference_task_passes_a_lora_request_only_for_a_fine_tuned_model():
+def test_the_inference_task_passes_a_lora_request_only_for_a_fine_tuned_model(world, tmp_path):
     from citadel.jobs.tasks import _events
+
+    (tmp_path / "a").mkdir()  # the adapter's files, checked against their manifest first (test_adapter_manifest.py)
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    model_variant_register(base=world.model, name="ft:a", adapter_path=str(tmp_path / "a"),
+                           actor=services.Actor.system("test"))
 
     class Engine:
         def stream_chat(self, messages, params, **kwargs):
@@ -244,10 +249,10 @@ def test_the_inference_task_passes_a_lora_request_only_for_a_fine_tuned_model():
     plain = SimpleNamespace(kind="chat", payload={"messages": [], "sampling": {}}, team_id=None, api_key_id=None)
     assert _events(Engine(), plain) == {}
     tuned = SimpleNamespace(kind="chat", payload={"messages": [], "sampling": {}, "adapter": {"name": "ft:a", "path":
-                                                                                                "/a"}},
+                                                                                                str(tmp_path / "a")}},
                             team_id=None, api_key_id=None)
     request = _events(Engine(), tuned)["lora_request"]
-    assert (request.name, request.path) == ("ft:a", "/a")
+    assert (request.name, request.path) == ("ft:a", str(tmp_path / "a"))
 
 
 def test_events_written_by_the_worker_read_back_as_openai_events(world, job):

@@ -58,8 +58,10 @@ def _run_chunk(llm, batch: Batch, lines: list[BatchRequest]) -> dict:
         return results
     lora = None
     if batch.adapter:
+        from citadel.registry.adapter_check import adapter_files_check
         from inference import LoRARequest
 
+        adapter_files_check(name=batch.adapter["name"], path=batch.adapter["path"])  # refused and audited if changed
         lora = LoRARequest(name=batch.adapter["name"], path=batch.adapter["path"])
 
     salt = job_cache_salt(batch)  # the team's prefix-cache namespace, as for single requests

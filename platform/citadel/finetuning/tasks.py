@@ -22,6 +22,8 @@ from citadel.finetuning import services
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
 from citadel.jobs.leases import keeper, lease_acquire, lease_release
 from citadel.jobs.models import JobLease
+from citadel.registry.manifest import ModelFileRejected
+from citadel.registry.services import model_files_check
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,9 @@ def _run(job_id: str, *, worker: str) -> None:
     except Exception:  # no lease yet: the reconciler treats a lease-less job like an expired one
         logger.exception("could not take the lease on fine-tuning job %s", job_id)
     try:
+        # The base model's files against the SHA-256 manifest recorded at import, as an inference worker
+        # checks them before loading: a changed file is refused (audited as model.load denied), not trained on.
+        model_files_check(path=job.model.path)
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
         result = _train(job, progress)
         if progress.stop_reason == "timeout":
@@ -144,6 +149,7 @@ def _run(job_id: str, *, worker: str) -> None:
     except Exception as error:  # the trainer failed: the job says why, the worker lives on
         logger.exception("fine-tuning job %s failed", job_id)
         code = "invalid_config" if type(error).__name__ == "ConfigError" else "training_error"
+        code = "model_file_rejected" if isinstance(error, ModelFileRejected) else code
         services.job_fail(job_id=job_id, code=code, message=f"{type(error).__name__}: {error}", actor=actor,
                           param=getattr(error, "field", "") if code == "invalid_config" else "")
     finally:

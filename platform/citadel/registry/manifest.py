@@ -7,6 +7,10 @@ At import the registry records the SHA-256 of every file the engine reads from t
 the folder against that manifest before it loads the model, so a file swapped or changed on a
 worker host after import is refused, naming the file, instead of being run.
 
+A fine-tuned variant's LoRA adapter folder has a manifest of its own (ADAPTER_PATTERNS: the files
+inference.lora.adapter reads), recorded when the variant is registered and checked by a worker
+before it serves the adapter (citadel.registry.adapter_check).
+
 Documentation beside the weights (model cards, eval results) is left out on purpose: it does not
 reach the engine, and tools rewrite it.
 """
@@ -25,6 +29,9 @@ LOADED_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template.*", "preprocessor_config.json",
 )
+
+# What inference.lora.adapter reads from a PEFT adapter folder.
+ADAPTER_PATTERNS = ("adapter_config.json", "*.safetensors")
 
 _CHUNK = 1024 * 1024
 
@@ -57,8 +64,8 @@ def pickle_refuse(folder: Path) -> None:
             "and remove the pickle files from the folder.", file=str(found[0]))
 
 
-def _loaded(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LOADED_PATTERNS)
+def _loaded(name: str, patterns: tuple[str, ...] = LOADED_PATTERNS) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def file_sha256(path: Path) -> str:
@@ -69,22 +76,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest_build(folder: Path) -> dict[str, str]:
-    """{file name: SHA-256 hex} of the files the engine loads from `folder` (refusing pickle first)."""
+def manifest_build(folder: Path, patterns: tuple[str, ...] = LOADED_PATTERNS) -> dict[str, str]:
+    """{file name: SHA-256 hex} of the files the engine loads from `folder` (refusing pickle first);
+    `patterns` ADAPTER_PATTERNS for a LoRA adapter folder."""
     pickle_refuse(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and _loaded(p.name))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _loaded(p.name, patterns))
     return {p.name: file_sha256(p) for p in files}
 
 
-def manifest_check(folder: Path, manifest: dict[str, str]) -> None:
+def manifest_check(folder: Path, manifest: dict[str, str], patterns: tuple[str, ...] = LOADED_PATTERNS) -> None:
     """Raise ModelFileRejected naming the first file of `folder` that differs from `manifest`:
     changed, missing, or a loaded file (or a pickle) that was not there at import."""
-    pickle_refuse(folder)
+    if folder.is_dir():
+        pickle_refuse(folder)
     if not manifest:
         raise ModelFileRejected(
             f"No SHA-256 manifest is recorded for {folder}, so its files cannot be checked. Record it from a "
             "host that sees the trusted files: `citadel model_manifest MODEL`.", file=str(folder))
-    present = {p.name for p in folder.iterdir() if p.is_file() and _loaded(p.name)} if folder.is_dir() else set()
+    present = ({p.name for p in folder.iterdir() if p.is_file() and _loaded(p.name, patterns)}
+               if folder.is_dir() else set())
     for name in sorted(present - set(manifest)):
         raise ModelFileRejected(f"{folder / name} was not in the model's manifest when it was imported; remove it, "
                                 "or record the manifest again if the change is trusted.", file=str(folder / name))

@@ -16,7 +16,13 @@ from django.utils.text import slugify
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import Conflict, InvalidRequest
 from citadel.registry.engine_settings import engine_settings_check
-from citadel.registry.manifest import ModelFileRejected, manifest_build, manifest_check
+from citadel.registry.manifest import (
+    ADAPTER_PATTERNS,
+    LOADED_PATTERNS,
+    ModelFileRejected,
+    manifest_build,
+    manifest_check,
+)
 from citadel.registry.models import Deployment, Model, Worker, WorkerPool
 from citadel.residency.models import Site
 from citadel.residency.services import deployment_check, deployment_refusal, site_get_or_create
@@ -61,15 +67,14 @@ def model_register(*, name: str, path: str, actor: Actor, description: str = "",
 @transaction.atomic
 def model_manifest_record(*, model: Model, actor: Actor, request=None) -> Model:
     """Record the SHA-256 manifest of `model`'s folder anew, as it is on this host: for a model
-    registered where its folder was not visible, or after a trusted change of its files."""
-    if model.base_id:
-        raise InvalidRequest(f"'{model.name}' is a fine-tuned variant: record the manifest of its base model "
-                             f"'{model.base.name}'.", param="model")
-    folder = Path(model.path)
+    registered where its folder was not visible, or after a trusted change of its files. A fine-tuned
+    variant's manifest is its adapter folder's (checked by citadel.registry.adapter_check)."""
+    folder = Path(model.adapter_path if model.base_id else model.path)  # a fine-tuned variant: its adapter's
     if not folder.is_dir():
         raise InvalidRequest(f"{folder} is not a folder on this host: run this where the model's files are.",
                              param="path")
-    before, model.manifest = model.manifest, manifest_build(folder)
+    before, model.manifest = model.manifest, manifest_build(folder, ADAPTER_PATTERNS if model.base_id else
+                                                            LOADED_PATTERNS)
     model.save(update_fields=["manifest"])
     audit_record(actor=actor, action="model.manifest.record", outcome="success", target_type="model",
                  target_id=model.name, request=request,
@@ -88,11 +93,15 @@ def model_variant_register(*, base: Model, name: str, adapter_path: str, actor: 
                              "checkpoint.", param="model")
     if Model.objects.filter(name=name).exists():
         raise Conflict(f"A model named '{name}' is already registered.", param="name")
+    # The adapter's SHA-256 manifest, from the files just written here; workers check it before serving.
+    adapter = Path(adapter_path)
+    manifest = manifest_build(adapter, ADAPTER_PATTERNS) if adapter.is_dir() else {}
     model = Model.objects.create(name=name, path=base.path, family=base.family, base=base,
-                                 adapter_path=adapter_path, description=description)
+                                 adapter_path=adapter_path, description=description, manifest=manifest)
     model.teams.set(base.teams.all())
     audit_record(actor=actor, action="model.variant.register", outcome="success", target_type="model",
-                 target_id=name, request=request, details={"base": base.name, "adapter_path": adapter_path})
+                 target_id=name, request=request,
+                 details={"base": base.name, "adapter_path": adapter_path, "manifest": manifest})
     return model
 
 
