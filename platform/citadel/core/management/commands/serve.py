@@ -2,6 +2,11 @@
 
 Each is a real separate process (gunicorn, a Celery worker, Celery beat), supervised here:
 Ctrl-C stops all three, and if one dies the others are stopped too, so nothing half-runs.
+
+The defaults (2 gunicorn workers x 40 threads) hold 64 concurrent token streams (each holds a
+thread) with 16 threads left for pages and API calls. Each thread may hold a PostgreSQL connection,
+so at start the processes' total is checked against the server's max_connections and a warning
+says what to raise when it does not fit (citadel.core.connection_budget).
 """
 
 import os
@@ -13,6 +18,13 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from citadel.core.connection_budget import (
+    SERVE_WEB_THREADS,
+    SERVE_WEB_WORKERS,
+    SERVE_WORKER_CONCURRENCY,
+    budget_check,
+    connections_needed,
+)
 from citadel.core.management.commands.bootstrap import LOCAL_POOL
 
 
@@ -30,16 +42,30 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-        parser.add_argument("--web-workers", type=int, default=2)
-        parser.add_argument("--web-threads", type=int, default=16)
+        parser.add_argument("--web-workers", type=int, default=SERVE_WEB_WORKERS)
+        parser.add_argument("--web-threads", type=int, default=SERVE_WEB_THREADS,
+                            help="Threads per web worker; each token stream holds one.")
+        parser.add_argument("--worker-concurrency", type=int, default=SERVE_WORKER_CONCURRENCY)
 
-    def handle(self, *args, host, port, web_workers, web_threads, **options):
+    def connection_warning(self, *, web_workers: int, web_threads: int, worker_concurrency: int) -> str | None:
+        """The warning to print when these processes may hold more connections than PostgreSQL allows."""
+        needed = connections_needed(web_workers=web_workers, web_threads=web_threads,
+                                    worker_concurrency=[worker_concurrency])
+        budget = budget_check(needed=needed)
+        return budget.warning(web_workers=web_workers, web_threads=web_threads) if budget else None
+
+    def handle(self, *args, host, port, web_workers, web_threads, worker_concurrency, **options):
+        warning = self.connection_warning(web_workers=web_workers, web_threads=web_threads,
+                                          worker_concurrency=worker_concurrency)
+        if warning:
+            self.stderr.write(self.style.WARNING(f"Warning: {warning}"))
         python = sys.executable
         commands = {
             "web": [python, "-m", "gunicorn", "citadel.wsgi:application", f"--bind={host}:{port}",
                     "--worker-class=gthread", f"--workers={web_workers}", f"--threads={web_threads}",
                     "--timeout=0", "--access-logfile=-"],
-            "worker": [python, "-m", "citadel.cli", "worker", f"--pool={LOCAL_POOL}", "--control"],
+            "worker": [python, "-m", "citadel.cli", "worker", f"--pool={LOCAL_POOL}", "--control",
+                       f"--concurrency={worker_concurrency}"],
             "beat": [python, "-m", "celery", "-A", "citadel", "beat", "--loglevel=info",
                      f"--schedule={settings.DATA_DIR / 'celerybeat-schedule'}"],
         }
