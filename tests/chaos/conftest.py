@@ -65,6 +65,7 @@ def _stack(tmp_path_factory, tiny_checkpoint, postgres: Postgres, broker_name: s
     import psycopg
 
     with psycopg.connect(f"postgresql://postgres@127.0.0.1:{postgres.port}/citadel", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")  # left by a stack that failed to start
         conn.execute(f"CREATE DATABASE {database}")
     stack = ChaosStack(root=root, database_url=f"postgres://postgres@127.0.0.1:{postgres.port}/{database}",
                        broker_url=broker.url, broker=broker, postgres=postgres, extra_env=extra)

@@ -25,6 +25,7 @@ BOUND = LEASE_SECONDS + 300  # the issue's bound: the lease plus 5 minutes
 
 
 def _kill_round(stack, victim: str, first_seed: int, requests: int = 4) -> list:
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=requests) as pool:
         futures = [pool.submit(stack.chats, [first_seed + i], 16) for i in range(requests)]
         stack.wait(lambda: stack.sql("SELECT 1 FROM jobs_inferencejob WHERE status = 'running' AND worker_name = %s",
@@ -34,11 +35,16 @@ def _kill_round(stack, victim: str, first_seed: int, requests: int = 4) -> list:
         stack.kill_worker(victim)  # and started again, as its supervisor would; it rejoins while others run its jobs
         killed = time.monotonic()
         results = [future.result()[0] for future in futures]
+    answered = time.monotonic()
     for job_id in held:
         stack.wait(lambda job_id=job_id: stack.sql("SELECT 1 FROM jobs_inferencejob WHERE id = %s AND status IN "
                                                    "('succeeded', 'failed')", (job_id,)),
                    max(1.0, BOUND - (time.monotonic() - killed)), f"job {job_id} of the killed worker finishing")
+    recovered = time.monotonic()
     stack.wait_worker_online(victim)
+    print(f"CHAOS round victim={victim} held={len(held)} running_after={killed - started:.1f}s "
+          f"answered_after_kill={answered - killed:.1f}s held_done_after_kill={recovered - killed:.1f}s "
+          f"victim_online_after_kill={time.monotonic() - killed:.1f}s", flush=True)
     return results
 
 
