@@ -58,8 +58,9 @@ class LLM:
             from the operating system.
         **engine_settings: scheduling and cache settings of the runtime (EngineConfig:
             max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory, max_model_len,
-            max_loras; expert tiers: expert_cache_experts or expert_cache_bytes, expert_host_experts,
-            expert_prefetch).
+            max_loras, kv_cache_dtype ("auto" or "fp8" KV pages); KV tiers: kv_device_bytes,
+            kv_host_bytes, kv_disk_bytes, kv_disk_path; expert tiers: expert_cache_experts or
+            expert_cache_bytes, expert_host_experts, expert_prefetch).
     """
 
     def __init__(

@@ -41,6 +41,9 @@ class CacheGroup:
     """Only the entries of the last `sliding_window` tokens are ever read (None: all of them)."""
     per_sequence: bool = False
     """One entry per sequence whatever its length (kept in the sequence's slot, not in pages)."""
+    segments: tuple[int, ...] = ()
+    """Parts of the last entry dimension that are read apart (DeepSeek-V4's compressed K/V | indexer key):
+    with kv_cache_dtype="fp8" each part gets its own scale (engine/kv_quant.py). Empty: one part."""
 
     def __post_init__(self) -> None:
         assert self.layers and all(d > 0 for d in self.entry_shape) and self.tokens_per_entry >= 1

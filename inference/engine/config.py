@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QUANTIZATIONS = (None, "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")  # engine/kv_quant.py (this file imports nothing but dataclasses)
 
 
 @dataclass
@@ -27,6 +28,10 @@ class EngineConfig:
     quantization: str | None = None
     """"fp8": quantize the linear weights to block-wise FP8 at load time (inference/quant). Checkpoints
     that ship FP8 weights (DeepSeek's `weight_scale_inv` format) are served in FP8 either way."""
+    kv_cache_dtype: str = "auto"
+    """How KV cache pages store their entries: "auto", the model's dtype; "fp8", float8_e4m3fn with a
+    power-of-two scale per token and head (engine/kv_quant.py): half the bytes of bf16, so the same
+    kv_cache_memory or KV tier budgets hold twice as many pages, at a small accuracy cost."""
     max_loras: int = 8
     """Most LoRA adapters on the model's device at once (requests for others wait for a free place)."""
     enable_prefix_caching: bool = True
@@ -64,6 +69,11 @@ class EngineConfig:
             raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}: \"auto\" stores "
+                "the KV cache in the model's dtype, \"fp8\" in float8_e4m3fn with per-token scales"
+            )
         for name in ("kv_cache_memory", "max_model_len", "kv_device_bytes", "kv_host_bytes", "kv_disk_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

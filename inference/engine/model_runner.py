@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lora.manager import LoRAManager
+from . import kv_quant
 from .block_manager import BlockManager
 from .cache import PagedCache
 from .config import EngineConfig
@@ -49,7 +50,7 @@ class ModelRunner:
         self.lora = lora
         self.device = device
         self.block_size = config.block_size
-        self.spec = model.cache_spec()
+        self.spec = kv_quant.storage_spec(model.cache_spec(), config.kv_cache_dtype)  # fp8: packed pages
         page_bytes = self.spec.page_bytes(self.block_size)
         num_slots = config.max_num_seqs if self.spec.slot_groups else 0
         slot_bytes = num_slots * self.spec.slot_bytes
@@ -74,6 +75,7 @@ class ModelRunner:
         self.block_manager = BlockManager(
             self.spec, num_pages, num_slots, self.block_size, prefix_caching=config.enable_prefix_caching
         )
+        self.block_manager.tie_length_unit = getattr(model, "tie_length_unit", 1)
         self.max_model_len = min(model_len, self.block_manager.max_tokens_per_sequence())
         logger.info(
             "KV cache: %d pages of %d bytes (%.1f MiB), %d tokens per sequence at most",
@@ -119,6 +121,7 @@ class ModelRunner:
         self.block_manager = BlockManager(
             self.spec, self.tiers.num_logical + 1, num_slots, self.block_size, config.enable_prefix_caching
         )
+        self.block_manager.tie_length_unit = getattr(model, "tie_length_unit", 1)
         longest = self.block_manager.max_tokens_per_sequence()
         if not selective:  # every page of a step is on the device: a sequence fits the device tier
             self.step_page_limit = device_pages - 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..engine import kv_quant
 from ..engine.context import ForwardContext
 
 
@@ -32,7 +33,7 @@ def paged_attention(
     """q [T, Hq, D], k and v [T, Hkv, D] of this step's tokens -> attention output [T, Hq, D]."""
     tables = ctx.groups[group]
     kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]
-    cache[tables.slot_pages, tables.slot_offsets] = kv if kv.dtype == cache.dtype else kv.to(cache.dtype)
+    cache[tables.slot_pages, tables.slot_offsets] = kv_quant.store(kv, cache.dtype)  # fp8 KV: quantized
     nd = ctx.num_decodes
     decode = _decode_each if q.device.type == "cpu" else _decode
     if nd == q.shape[0]:  # decodes only (nothing to copy the result into)
@@ -44,12 +45,13 @@ def paged_attention(
         s, e = ctx.query_starts[i], ctx.query_starts[i + 1]
         context_len = ctx.context_lens[i]
         start = context_len - (e - s)
-        if start == 0:
-            k_i, v_i = k[s:e], v[s:e]  # [n, Hkv, D]
+        if start == 0 and not kv_quant.is_packed(cache):
+            k_i, v_i = k[s:e], v[s:e]  # [n, Hkv, D] (fp8 KV reads its cache: the same bits chunked or not)
         else:
             kv = _gather(cache, tables.block_tables[i : i + 1], context_len)[
                 0, :context_len
             ]  # [L, 2, Hkv, D]
+            kv = kv_quant.load(kv, q.dtype)  # fp8 KV: dequantized
             k_i, v_i = kv[:, 0], kv[:, 1]
         mask = None
         if start or sliding_window is not None:
@@ -107,6 +109,7 @@ def _decode_each(q, cache, block_tables, ctx: ForwardContext, scale: float, slid
         length = ctx.context_lens[i]
         kv = cache.index_select(0, ids).view(1, -1, *cache.shape[2:])  # [1, pages * page_entries, 2, Hkv, D]
         kv = kv[:, max(0, length - sliding_window) if sliding_window is not None else 0 : length]
+        kv = kv_quant.load(kv, q.dtype)  # fp8 KV: dequantized
         k_all, v_all = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [1, Hkv, L, D]
         outs.append(_sdpa(q[i : i + 1, :, None], k_all, v_all, None, scale, causal=False)[:, :, 0])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -159,7 +162,7 @@ def _decode_groups(ctx: ForwardContext, device, sliding_window: int | None):
 
 def _decode_group(q, cache, block_tables, max_len: int, mask, scale: float):
     kv = _gather(cache, block_tables, max_len)  # [b, L', 2, Hkv, D] (L' >= max_len: whole pages)
-    kv = kv[:, :max_len]
+    kv = kv_quant.load(kv[:, :max_len], q.dtype)  # fp8 KV: dequantized
     k_all, v_all = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [b, Hkv, L, D]
     return _sdpa(q[:, :, None], k_all, v_all, mask, scale, causal=False)[:, :, 0]
 

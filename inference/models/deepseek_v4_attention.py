@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import kv_quant
 from .deepseek_v4_batch import GroupMeta, V4Batch
 from .deepseek_v4_cache import GROUPS, WINDOW
 from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweighted_rms_norm
@@ -269,12 +270,14 @@ class Attention(nn.Module):
             tail_read = tail[batch.slots[:, None], ring.read_slot]  # [B, R-1, C]
             src = torch.cat([tail_read.flatten(0, 1), fresh])[emit.src_index]  # [E, n_src, C]
             main = 4 * self.head_dim if self.indexer is not None else 2 * self.head_dim
-            pages[emit.page, emit.offset, : self.head_dim] = self.compressor.emit(
-                src[..., :main], emit.src_valid, emit.positions, rotary
+            kv_columns, index_columns = self._columns(pages, index=False), self._columns(pages, index=True)
+            pages[emit.page, emit.offset, kv_columns] = kv_quant.store(  # fp8 KV: quantized
+                self.compressor.emit(src[..., :main], emit.src_valid, emit.positions, rotary), pages.dtype
             )
             if self.indexer is not None:
-                pages[emit.page, emit.offset, self.head_dim :] = self.indexer.compressor.emit(
-                    src[..., main:], emit.src_valid, emit.positions, rotary
+                pages[emit.page, emit.offset, index_columns] = kv_quant.store(
+                    self.indexer.compressor.emit(src[..., main:], emit.src_valid, emit.positions, rotary),
+                    pages.dtype,
                 )
         tail[ring.write_seq_slot, ring.write_ring] = fresh[ring.write_token]
         entries = pages[..., : self.head_dim]
@@ -385,10 +388,22 @@ class Attention(nn.Module):
         With KV tiers (engine/tiers.py) a page may be in host memory or on disk (page < 0): the tiers
         fetch only the entries asked for, so a CSA layer moves the indexer keys and the selected
         entries, never the whole sequence's cache."""
-        columns = slice(self.head_dim, None) if index else slice(0, self.head_dim)
+        pages = batch.caches[self.group][self.kind_index]
+        columns = self._columns(pages, index)
         if batch.tiers is None:
-            return batch.caches[self.group][self.kind_index][page, offset, columns]
-        return batch.tiers.gather(self.group, self.kind_index, page, offset, columns)
+            read = pages[page, offset, columns]
+        else:
+            read = batch.tiers.gather(self.group, self.kind_index, page, offset, columns)
+        return kv_quant.load(read, batch.caches[WINDOW][self.layer_id].dtype)  # fp8 KV: to the model's dtype
+
+    def _columns(self, pages: torch.Tensor, index: bool) -> slice:
+        """The columns of the compressed K/V (or, `index`, the indexer key) in a page entry as stored."""
+        if self.indexer is None:
+            return slice(None)
+        parts = (self.head_dim, pages.shape[-1] - self.head_dim)
+        if kv_quant.is_packed(pages):  # hd + 1 | ihd + 1 bytes: each part has its own scale byte
+            parts = (self.head_dim, pages.shape[-1] - self.head_dim - 2)
+        return kv_quant.packed_columns(parts, int(index), kv_quant.is_packed(pages))
 
 
 @dataclass

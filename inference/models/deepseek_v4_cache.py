@@ -17,6 +17,14 @@ So a sequence holds two kinds of state, and the engine's BlockManager and PagedC
     csa      [csa_layers, page_entries, hd + ihd]   compressed kv | indexer key, one per m tokens;
     hca      [hca_layers, page_entries', hd]        compressed kv, one per m' tokens.
 
+With kv_cache_dtype="fp8" (engine/kv_quant.py) the paged groups, the state that grows with the
+sequence and that the KV tiers move, are stored as float8_e4m3fn with one power-of-two scale per
+entry and part: the compressed kv and the indexer key of a CSA entry (its `segments`) are scaled
+apart, since they come from different projections and are read apart (the indexer reads every key,
+attention only the selected entries), and an HCA entry has one scale. That is the per-token-head
+granularity of a plain K/V cache (a V4 entry is one head: K = V, a single KV head). Slots stay in
+the model's dtype: a fixed size per sequence, and the tails hold gate logits that FP8 would distort.
+
 The engine's `block_size` is the number of entries of the widest paged group in one page; the
 other group fits as many of its own entries as the same page bytes hold. Slots and pages are
 zeroed when handed out, so masked reads of not-yet-written positions never meet NaN.
@@ -94,7 +102,7 @@ class V4CacheLayout:
         if self.csa_layers:
             csa, rate = self.csa_layers, self.csa_rate
             groups.append(CacheGroup("csa_tail", csa, (2 * rate, 4 * hd + 4 * ihd), dtype, per_sequence=True))
-            groups.append(CacheGroup("csa", csa, (hd + ihd,), dtype, tokens_per_entry=rate))
+            groups.append(CacheGroup("csa", csa, (hd + ihd,), dtype, tokens_per_entry=rate, segments=(hd, ihd)))
         if self.hca_layers:
             hca, rate = self.hca_layers, self.hca_rate
             groups.append(CacheGroup("hca_tail", hca, (rate, 2 * hd), dtype, per_sequence=True))
