@@ -13,6 +13,12 @@ block_size=4 in both engines: a DeepSeek-V4 prefix block spans whole pages of bo
 groups (the least common multiple of their tokens per page, 768 tokens at block_size 16, 192 at
 4), and the finer block lets a hit cover all but the last 0-191 tokens of the shared prompt.
 
+With the cache on, the first request computes the shared prompt and the others wait for it to be
+cached (prefix-aware admission, engine/scheduler.py) instead of computing it alongside. demo-v4's
+indexer ties exactly (top-k) about 1,150 tokens into the prompt; transformers breaks such ties by the
+prompt's length, so from there on cached blocks are shared only by prompts of the same length (the 32
+questions make prompts of 4 lengths): the first request of each length computes the rest itself.
+
 Reports prefix_ttft_speedup (mean TTFT off / on, median of rounds; target at least 5), the TTFT
 medians and means, prefix_hit_rate (prompt tokens taken from the cache / all prompt tokens of the
 cached engine's requests) and whether both engines generated the same greedy tokens.

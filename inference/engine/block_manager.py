@@ -23,6 +23,10 @@ from .sequence import Sequence
 
 
 class BlockManager:
+    tie_length_unit: int = 1
+    """Prompts whose lengths agree in `length // tie_length_unit` break the model's ties alike (set by
+    the runner from the model: DeepSeek-V4's CSA rate); names the blocks past a tie (prefix_cache.py)."""
+
     def __init__(
         self, spec: CacheSpec, num_pages: int, num_slots: int, block_size: int, prefix_caching: bool = False
     ):
@@ -67,9 +71,19 @@ class BlockManager:
         """
         if self.prefix is None or seq.block_tables or seq.params.prompt_logprobs is not None:
             return []
-        limit = (seq.num_tokens - 1) // self.prefix.block_tokens
-        length = seq.num_prompt_tokens
-        return self.prefix.match([(h, tied_block_hash(h, length)) for h in self._hashes(seq, limit)])
+        n = self.prefix.block_tokens
+        limit = (seq.num_tokens - 1) // n
+        tied = tied_block_hash  # a tied block only within the prompt (past it no tie is broken by its length)
+        return self.prefix.match(
+            [
+                (h, tied(h, self.tie_class(seq))) if (k + 1) * n <= seq.num_prompt_tokens else (h,)
+                for k, h in enumerate(self._hashes(seq, limit))
+            ]
+        )
+
+    def tie_class(self, seq: Sequence) -> int:
+        """What of `seq`'s prompt length its tie-breaks depend on (see tie_length_unit)."""
+        return seq.num_prompt_tokens // self.tie_length_unit
 
     def block_hashes(self, seq: Sequence, count: int) -> list[bytes]:
         """The hashes of `seq`'s first `count` full blocks (what equal tokens from position 0 share)."""
@@ -96,7 +110,7 @@ class BlockManager:
             if tied:  # its entries depend on this prompt's length (Sequence.first_tie)
                 if (k + 1) * prefix.block_tokens > seq.num_prompt_tokens:
                     break  # generated tokens broke no tie by the prompt's length: another prompt would
-                name = tied_block_hash(name, seq.num_prompt_tokens)
+                name = tied_block_hash(name, self.tie_class(seq))
             if name in prefix.blocks:  # computed alongside another sequence: ours stays private
                 seq.cached_blocks.append(None)
                 continue

@@ -20,8 +20,9 @@ scheduler ends prefill chunks there), the whole slot is copied into pages of the
 
 DeepSeek-V4 breaks exact ties of its indexer's top-k as transformers does, by the prompt's length
 (Sequence.first_tie): what a prompt computes from its first tie on depends on its length too. Blocks
-from there on (within the prompt) are cached under tied_block_hash, which adds the prompt's length,
-so they are reused exactly by prompts of the same length and never by others.
+from there on (within the prompt) are cached under tied_block_hash, which adds the prompt's length
+class (length // the CSA rate: transformers' indexer rows are that long), so they are reused exactly by
+prompts of the same class and never by others.
 
 Everything here is bookkeeping over page ids (the BlockManager holds the pages; the copies run
 on the cache memory in the model runner's step), so a cached page may live wherever the cache
@@ -51,10 +52,10 @@ def block_hash(parent: bytes | None, salt: str | None, adapter: str | None, toke
     return h.digest()
 
 
-def tied_block_hash(block: bytes, prompt_len: int) -> bytes:
-    """The name of a block computed after an indexer tie (Sequence.first_tie): its hash and the length
-    of the prompt that broke the tie, so only a prompt of that same length can reuse it."""
-    return hashlib.sha256(block + b"prompt_len" + prompt_len.to_bytes(8, "little")).digest()
+def tied_block_hash(block: bytes, tie_class: int) -> bytes:
+    """The name of a block computed after an indexer tie (Sequence.first_tie): its hash and what of the
+    prompt's length broke the tie (BlockManager.tie_class), so only a prompt that breaks it alike reuses it."""
+    return hashlib.sha256(block + b"tie_class" + tie_class.to_bytes(8, "little")).digest()
 
 
 def tokens_per_page(spec: CacheSpec, block_size: int) -> list[int]:

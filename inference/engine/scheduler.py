@@ -142,8 +142,8 @@ class Scheduler:
             if not resume * n <= other.num_computed_tokens < other.num_prompt_tokens:
                 continue  # not prefilling, or behind seq's start (computing blocks seq already has)
             shared = min(limit, other.num_prompt_tokens // n)
-            if other.first_tie < shared * n and other.num_prompt_tokens != seq.num_prompt_tokens:
-                shared = min(shared, other.first_tie // n)  # its blocks past a tie are for its length only
+            if other.first_tie < shared * n and self.block_manager.tie_class(other) != self.block_manager.tie_class(seq):
+                shared = min(shared, other.first_tie // n)  # its blocks past a tie: for its length class only
             if other.num_computed_tokens >= shared * n:
                 continue
             theirs = self.block_manager.block_hashes(other, shared)

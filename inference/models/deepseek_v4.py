@@ -130,6 +130,12 @@ class CitadelDeepseekV4(nn.Module):
     """Compressed entries left in a slower KV tier are fetched by the attention itself, only the ones
     it reads (engine/tiers.py): a sequence may be longer than the device tier holds."""
 
+    @property
+    def tie_length_unit(self) -> int:
+        """The indexer breaks top-k ties as transformers does, on rows prompt_len // csa_rate long: prompts
+        whose lengths agree in that quotient compute the same (the prefix cache's tie class)."""
+        return self.layout.csa_rate
+
     @staticmethod
     def checkpoint_module_name(stored: str) -> str:
         """A module's name in the checkpoint -> its name here."""

@@ -98,13 +98,13 @@ def test_a_tiny_v4_gives_the_same_tokens_and_logprobs_with_prefix_hits(wide_inde
     assert stats["prefix_block_tokens"] == 48  # lcm of 8 tokens per CSA page and 48 per HCA page
 
 
-def test_v4_blocks_after_an_indexer_tie_are_reused_only_by_prompts_of_the_same_length(tiny_checkpoint):
-    """The tiny V4 ties within its first block: the prompt's length broke the tie, so what it computed
-    from there on is reused by a prompt of the same length (transformers picks the same entries for
-    it) and by no prompt of another length (Sequence.first_tie, prefix_cache.tied_block_hash)."""
+def test_v4_blocks_after_an_indexer_tie_are_reused_only_by_prompts_that_break_it_alike(tiny_checkpoint):
+    """The tiny V4 ties within its first block. transformers breaks the tie on a row of
+    prompt_len // 4 entries (the CSA rate), so what a prompt computed from there on is reused by
+    prompts whose length has the same quotient and by no other (Sequence.first_tie, tied_block_hash)."""
     check_model(tiny_checkpoint, 500, 110, expect_hits=False, block_size=2, max_num_batched_tokens=40)
-    prompt = shared_prefix_prompts(500, 110)[0]  # 115 tokens
-    same_length, longer = prompt[:-1] + [4], prompt + [4]
+    prompt = shared_prefix_prompts(500, 110)[0]  # 115 tokens: 115 // 4 = 28
+    same_length, shorter, longer = prompt[:-1] + [4], prompt[:-1], prompt + [4]  # 115, 114 (28), 116 (29)
     settings = dict(block_size=2, max_num_batched_tokens=40)
     llm = LLM(model=tiny_checkpoint, device="cpu", dtype="float32", **settings)
     try:
@@ -113,11 +113,12 @@ def test_v4_blocks_after_an_indexer_tie_are_reused_only_by_prompts_of_the_same_l
         assert blocks and all(block.tied for block in blocks)  # the tie is in the first block
         assert hits_after(llm, longer) == 0
         assert hits_after(llm, same_length) == 96  # both blocks its 114 reusable tokens span
-        outputs = [llm.generate([p], GREEDY)[0] for p in (same_length, longer)]  # from the cache
+        assert hits_after(llm, shorter) == 96
+        outputs = [llm.generate([p], GREEDY)[0] for p in (same_length, shorter, longer)]  # from the cache
     finally:
         llm.close()
-    uncached, _ = run(tiny_checkpoint, [same_length, longer], False, **settings)
-    assert_same(outputs, uncached[:2])
+    uncached, _ = run(tiny_checkpoint, [same_length, shorter, longer], False, **settings)
+    assert_same(outputs, uncached[:3])
 
 
 def test_a_second_v4_shape_gives_the_same_tokens_and_logprobs_with_the_prefix_cache(
