@@ -160,7 +160,9 @@ def _launch(env: dict, args: argparse.Namespace, port: int, logs: Path) -> list[
     return [
         start([python, "-m", "gunicorn", "citadel.wsgi:application", f"--bind=127.0.0.1:{port}",
                "--worker-class=gthread", f"--workers={args.web_workers}", f"--threads={args.web_threads}",
-               "--timeout=0", "--backlog=2048"], "web.log"),
+               # Idle keep-alive connections are kept longer than any lull in the load: gunicorn's default (2 s)
+               # closed some just as the client reused them, which counted as failed requests (ReadError).
+               "--timeout=0", "--backlog=2048", "--keep-alive=75"], "web.log"),
         start([python, "-m", "citadel.cli", "worker", "--pool", "bench-stub", "--name", "bench-stub@bench",
                "--concurrency", str(args.worker_concurrency), "--loglevel", "warning"], "stub-worker.log",
               {"CITADEL_BENCH_STUB_ENGINE": "1"}),

@@ -43,10 +43,11 @@ def _stalled_reason(job: InferenceJob) -> tuple[str, str] | None:
     return None
 
 
-def job_follow(*, job_id, timeout: float | None = None) -> Iterator[Delta | Finished]:
+def job_follow(*, job_id, timeout: float | None = None, chunks: bool = True) -> Iterator[Delta | Finished]:
     """Yield the job's text as it is produced, then Finished with the final row.
 
-    A failed job ends with Finished too; the caller turns its error into a response.
+    A failed job ends with Finished too; the caller turns its error into a response. With
+    `chunks=False` only Finished comes, and only the job row is read on each wake-up.
     """
     from citadel.jobs.services import job_fail
 
@@ -58,7 +59,11 @@ def job_follow(*, job_id, timeout: float | None = None) -> Iterator[Delta | Fini
         while True:
             woken.clear()
             job = InferenceJob.objects.select_related("pool", "model").get(pk=job_id)
-            pending = InferenceChunk.objects.filter(job_id=job_id, index__gte=next_index).order_by("index")
+            if job.is_terminal and not chunks:
+                yield Finished(job)
+                return
+            pending = InferenceChunk.objects.filter(job_id=job_id, index__gte=next_index).order_by("index") \
+                if chunks else InferenceChunk.objects.none()
             if job.is_terminal:
                 # The worker commits every chunk before the final state, so all of them are visible now.
                 for text, logprobs in pending.values_list("text", "logprobs"):
@@ -85,7 +90,8 @@ def job_follow(*, job_id, timeout: float | None = None) -> Iterator[Delta | Fini
 
 
 def job_wait(*, job_id, timeout: float | None = None) -> InferenceJob:
-    for event in job_follow(job_id=job_id, timeout=timeout):
+    """The job's final row, once it has one (a job answered whole: its text is in the row)."""
+    for event in job_follow(job_id=job_id, timeout=timeout, chunks=False):
         if isinstance(event, Finished):
             return event.job
     raise AssertionError("job_follow always ends with Finished")

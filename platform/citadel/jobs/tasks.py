@@ -13,7 +13,8 @@ from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import DatabaseError
+from celery.signals import task_postrun, task_prerun
+from django.db import DatabaseError, close_old_connections
 
 from citadel.audit.services import Actor
 from citadel.jobs import worker_lifecycle  # noqa: F401 - connects the worker's heartbeat signals
@@ -31,12 +32,21 @@ from citadel.jobs.services import (
     jobs_prompts_purge,
     jobs_redispatch_queued,
 )
-from citadel.registry.adapter_check import adapter_files_check
 from citadel.usage.metrics import timed_events
 
 logger = logging.getLogger(__name__)
 
 CHUNK_FLUSH_SECONDS = 0.02
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _task_connections(**kwargs) -> None:
+    """Around each task, what Django does around each request: drop this thread's database connection
+    when it is older than CONN_MAX_AGE or broken, and check a kept one before its next use. Celery's
+    own fixup would close it after every task (CELERY_DB_REUSE_MAX, citadel.settings.celery, keeps
+    it), so every job paid for a new PostgreSQL backend."""
+    close_old_connections()
 
 
 def _events(llm, job: InferenceJob):
@@ -60,7 +70,6 @@ def _events(llm, job: InferenceJob):
 def _lora_request(adapter: dict):
     from inference import LoRARequest
 
-    adapter_files_check(name=adapter["name"], path=adapter["path"])  # its SHA-256 manifest: refused, audited
     return LoRARequest(name=adapter["name"], path=adapter["path"])
 
 
@@ -73,7 +82,8 @@ class _LeaseLost(Exception):
 
 
 class _Output:
-    """A job's output as it is generated, written as chunk rows a few tokens at a time.
+    """A job's output as it is generated; a streamed job's is written as chunk rows a few tokens at a
+    time, for its client to follow (a job answered whole keeps it in memory until its outcome).
 
     With `texts`, each token's log-probabilities travel too: all of them with the job, and those
     of a chunk's tokens with the chunk when the job is streamed.
@@ -109,7 +119,8 @@ class _Output:
             self.logprobs.extend(self.pending_logprobs)
         chunk_logprobs = self.pending_logprobs if self.job.stream and self.logprobs is not None else None
         if text or chunk_logprobs:
-            job_append_chunk(job=self.job, index=self.index, text=text, logprobs=chunk_logprobs)
+            if self.job.stream:  # a whole answer's client reads the outcome only: no chunk rows to write
+                job_append_chunk(job=self.job, index=self.index, text=text, logprobs=chunk_logprobs)
             self.pieces.append(text)
             self.index += 1
         self.pending, self.pending_logprobs, self.last_flush = [], [], time.monotonic()

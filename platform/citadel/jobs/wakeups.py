@@ -33,10 +33,11 @@ def job_notify(job_id) -> None:
     """Tell waiting web threads that job `job_id` changed (delivered when the current transaction commits)."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, _key(job_id)])
+            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, notify_payload(job_id)])
 
 
-def _key(job_id) -> str:
+def notify_payload(job_id) -> str:
+    """The notification payload naming job `job_id` (its UUID as text)."""
     return str(job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id)))
 
 
@@ -92,7 +93,7 @@ class _Listener:
     @contextmanager
     def waiter(self, job_id):
         """An Event set whenever job `job_id` is notified, for as long as the block runs."""
-        key, event = _key(job_id), threading.Event()
+        key, event = notify_payload(job_id), threading.Event()
         if connection.vendor == "postgresql":
             self._start()
         with self._lock:

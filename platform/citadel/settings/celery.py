@@ -41,6 +41,10 @@ CELERY_TASK_ACKS_LATE = True
 # Safe because every task is idempotent: it locks its row and does only what is missing.
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fixup closes a task's database connection after every task unless this is set; with
+# it, citadel.jobs.tasks closes connections as Django does for requests (older than CONN_MAX_AGE, or
+# broken), so a worker thread keeps its connection between jobs.
+CELERY_DB_REUSE_MAX = 100_000
 # Retried for ever with backoff, so workers consume again after the broker restarts.
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 
