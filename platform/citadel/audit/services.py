@@ -122,14 +122,20 @@ _APPEND_SQL = (f"SELECT * FROM citadel_audit_append({', '.join(['%s'] * len(_TEX
                "%s::inet, %s::jsonb, %s::text[], %s)")
 
 
-def _append_postgresql(cursor, record: AuditRecord, source_address) -> bool:
+def _append_postgresql(cursor, record: AuditRecord, source_address, write: tuple[str, list] | None = None) -> bool:
     """One statement takes the chain lock, reads the head, numbers, hashes and inserts (migration 0005).
     True when the transaction will commit synchronously; False when the caller must wait for the
-    WAL flush after the commit (_wait_until_durable)."""
+    WAL flush after the commit (_wait_until_durable). With `write` (a statement and its parameters),
+    that statement goes first in the same message (audit_record_with_write)."""
     address = _ip(source_address)
     pieces = chain.canonical_parts(record.__dict__, _SLOTS)
-    cursor.execute(_APPEND_SQL, [*[getattr(record, c) for c in _TEXT_COLUMNS], address,
-                                 chain.canonical_json(record.details).decode("utf-8"), pieces, chain.GENESIS_HASH])
+    params = [*[getattr(record, c) for c in _TEXT_COLUMNS], address,
+              chain.canonical_json(record.details).decode("utf-8"), pieces, chain.GENESIS_HASH]
+    if write is None:
+        cursor.execute(_APPEND_SQL, params)
+    else:
+        cursor.execute(f"{write[0]}; {_APPEND_SQL}", [*write[1], *params])
+        cursor.nextset()  # past the write's own result, to the record's row
     (record.sequence, record.created_at, record.source_address, record.prev_hash, record.record_hash,
      durable) = cursor.fetchone()
     record._state.adding, record._state.db = False, _db_alias()
@@ -148,6 +154,57 @@ def _wait_until_durable(alias: str) -> None:
                                "Check whether it took effect before retrying.") from error
 
 
+def _new_record(*, actor: Actor, action: str, outcome: str, target_type: str, target_id: str, request,
+                request_id: str, source_address: str | None, details: dict | None) -> tuple[AuditRecord, str | None]:
+    if request is not None:
+        request_id = request_id or getattr(request, "request_id", "")
+        source_address = source_address or client_address(request)
+    record = AuditRecord(
+        actor_type=_text("actor_type", actor.type), actor_id=_text("actor_id", actor.id),
+        actor_label=_text("actor_label", actor.label), action=_text("action", action),
+        outcome=_text("outcome", outcome), target_type=_text("target_type", target_type),
+        target_id=_text("target_id", target_id), request_id=_text("request_id", request_id),
+        details=chain.clean_details(details or {}),
+    )
+    return record, source_address
+
+
+def audit_record_with_write_possible(alias: str | None = None) -> bool:
+    """Whether audit_record_with_write can run on this connection now (PostgreSQL, not in a transaction)."""
+    connection = connections[alias or _db_alias()]
+    return connection.vendor == "postgresql" and connection.get_autocommit() and not connection.in_atomic_block
+
+
+def audit_record_with_write(*, write: tuple[str, list], actor: Actor, action: str, outcome: str,
+                            target_type: str = "", target_id: str = "", request=None, details: dict | None = None
+                            ) -> AuditRecord:
+    """Run `write` (one SQL statement and its parameters) and append the record that describes it, as
+    one implicit transaction sent in one message: both commit or neither does (fail closed, as
+    audit_record inside the caller's transaction). Only where audit_record_with_write_possible().
+
+    Why: inside a transaction the chain lock, taken by the append, is held until the client's COMMIT
+    comes back over the wire, and a web thread of a busy process may first wait for the GIL behind
+    dozens of others; every other append in every process queues behind it (seen as most database
+    sessions waiting on the advisory lock under load). Here the server runs the write, the append
+    and the commit without waiting for the client, so the lock is held for the server's own time.
+    Durability as audit_record: a synchronous commit, or the flush waited for after it.
+    """
+    record, source_address = _new_record(actor=actor, action=action, outcome=outcome, target_type=target_type,
+                                         target_id=target_id, request=request, request_id="",
+                                         source_address=None, details=details)
+    alias = _db_alias()
+    try:
+        with connections[alias].cursor() as cursor:
+            durable = _append_postgresql(cursor, record, source_address, write=write)
+        if not durable:
+            _wait_until_durable(alias)
+    except DatabaseError as error:
+        logger.error("audit record %s could not be written: %s", action, error)
+        raise AuditUnavailable("The audit log cannot be written, so this action was refused. "
+                               "Try again later; operators: check the database.") from error
+    return record
+
+
 def audit_record(
     *,
     actor: Actor,
@@ -161,16 +218,9 @@ def audit_record(
     details: dict | None = None,
 ) -> AuditRecord:
     """Append one record to the chain; raises AuditUnavailable when it cannot be written."""
-    if request is not None:
-        request_id = request_id or getattr(request, "request_id", "")
-        source_address = source_address or client_address(request)
-    record = AuditRecord(
-        actor_type=_text("actor_type", actor.type), actor_id=_text("actor_id", actor.id),
-        actor_label=_text("actor_label", actor.label), action=_text("action", action),
-        outcome=_text("outcome", outcome), target_type=_text("target_type", target_type),
-        target_id=_text("target_id", target_id), request_id=_text("request_id", request_id),
-        details=chain.clean_details(details or {}),
-    )
+    record, source_address = _new_record(actor=actor, action=action, outcome=outcome, target_type=target_type,
+                                         target_id=target_id, request=request, request_id=request_id,
+                                         source_address=source_address, details=details)
     alias = _db_alias()
     connection = connections[alias]
     try:

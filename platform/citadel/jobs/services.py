@@ -11,7 +11,12 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from citadel.audit.services import Actor, audit_record
+from citadel.audit.services import (
+    Actor,
+    audit_record,
+    audit_record_with_write,
+    audit_record_with_write_possible,
+)
 from citadel.core.exceptions import CitadelError, ServiceUnavailable
 from citadel.jobs.admission import deployment_admit, no_worker_retry_after
 from citadel.jobs.leases import lease_acquire, lease_release
@@ -52,18 +57,29 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
     request_id = getattr(request, "request_id", "")
     days = decision.policy.retention_days if decision.policy else None
     now = timezone.now()
+    # Counted as dispatched once here, in the row's own insert: the message goes out right after
+    # this commits (a failed send fails the job), and a separate update after it would cost the
+    # request a commit of its own and hold the row lock the worker's claim waits for.
+    job = InferenceJob(
+        kind=kind, model=model, deployment=deployment, pool=deployment.pool if deployment else None,
+        user=user, api_key=api_key, request_id=request_id, stream=stream, payload=payload,
+        team=subject.team, data_class=subject.data_class, site_id=deployment.pool.site_id if deployment else None,
+        prompt_retention=decision.prompt_retention,
+        prompt_kept_until=now + timedelta(days=days) if days is not None else None,
+        dispatch_count=1 if deployment else 0, dispatched_at=now if deployment else None,
+    )
+    if deployment is not None and audit_record_with_write_possible():
+        # The row and its audit record in one implicit transaction, one message (audit_record_with_write
+        # says why); then the job is committed, so it can be published.
+        audit_record_with_write(
+            write=_insert_sql(job), actor=actor, action=f"inference.{kind}", outcome="success", target_type="model",
+            target_id=model.name, request=request,
+            details={"job": str(job.id), "pool": deployment.pool.name, "stream": stream, "residency": residency})
+        job._state.adding, job._state.db = False, "default"
+        _publish(job, counted=True)
+        return job
     with transaction.atomic():
-        # Counted as dispatched once here, in the row's own insert: the message goes out right after
-        # this commits (a failed send fails the job), and a separate update after it would cost the
-        # request a commit of its own and hold the row lock the worker's claim waits for.
-        job = InferenceJob.objects.create(
-            kind=kind, model=model, deployment=deployment, pool=deployment.pool if deployment else None,
-            user=user, api_key=api_key, request_id=request_id, stream=stream, payload=payload,
-            team=subject.team, data_class=subject.data_class, site_id=deployment.pool.site_id if deployment else None,
-            prompt_retention=decision.prompt_retention,
-            prompt_kept_until=now + timedelta(days=days) if days is not None else None,
-            dispatch_count=1 if deployment else 0, dispatched_at=now if deployment else None,
-        )
+        job.save(force_insert=True)
         if deployment is None:
             where = ", ".join(d.pool.name for d in candidates)
             message = (f"No worker is serving model '{model.name}' where its residency policy allows: the allowed "
@@ -85,6 +101,16 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
         error.retry_after = no_worker_retry_after() if candidates else None
         raise error
     return job
+
+
+def _insert_sql(obj) -> tuple[str, list]:
+    """The INSERT statement (and its parameters) that saving the new model instance `obj` would run."""
+    from django.db.models.sql import InsertQuery
+
+    query = InsertQuery(type(obj))
+    query.insert_values(obj._meta.local_concrete_fields, [obj])
+    [(sql, params)] = query.get_compiler(using="default").as_sql()
+    return sql, list(params)
 
 
 def _publish(job: InferenceJob, *, counted: bool = False) -> None:
