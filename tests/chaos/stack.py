@@ -50,7 +50,11 @@ class ChaosStack:
         env.update(CELERY_BROKER_URL=self.broker_url, CITADEL_JOB_LEASE_SECONDS=str(LEASE_SECONDS),
                    CITADEL_JOB_LEASE_RENEW_SECONDS="0.5", CITADEL_RECONCILE_SECONDS="2",
                    CITADEL_JOB_RESEND_SECONDS="15", CITADEL_FINETUNE_DEVICE="cpu", CITADEL_REQUEST_TIMEOUT_SECONDS="240",
-                   CITADEL_AUDIT_CHECKPOINT_SECONDS="20")
+                   CITADEL_AUDIT_CHECKPOINT_SECONDS="20",
+                   # One torch thread per process: on a shared, loaded machine torch's intra-op threads
+                   # spin against each other and a 16-token reply of the tiny model took ~50 s instead of
+                   # ~0.5 s, which made a kill round last a minute. Nothing the tests check depends on it.
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         env.update(self.extra_env)
         return env
 
