@@ -216,8 +216,13 @@ def audit_record(
     request_id: str = "",
     source_address: str | None = None,
     details: dict | None = None,
+    savepoint: bool = True,
 ) -> AuditRecord:
-    """Append one record to the chain; raises AuditUnavailable when it cannot be written."""
+    """Append one record to the chain; raises AuditUnavailable when it cannot be written.
+
+    Inside a transaction the append runs in a savepoint of its own, so a caller that catches the
+    error can go on in its transaction; `savepoint=False` (a caller that lets the error roll its whole
+    transaction back) saves the two round trips, one of them while the chain lock is held."""
     record, source_address = _new_record(actor=actor, action=action, outcome=outcome, target_type=target_type,
                                          target_id=target_id, request=request, request_id=request_id,
                                          source_address=source_address, details=details)
@@ -232,7 +237,7 @@ def audit_record(
             if not durable:
                 _wait_until_durable(alias)
             return record
-        with transaction.atomic(using=alias), connection.cursor() as cursor:
+        with transaction.atomic(using=alias, savepoint=savepoint), connection.cursor() as cursor:
             if connection.vendor == "postgresql":
                 if not _append_postgresql(cursor, record, source_address):
                     transaction.on_commit(lambda: _wait_until_durable(alias), using=alias)

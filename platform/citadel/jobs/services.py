@@ -269,7 +269,7 @@ def job_succeed(*, job: InferenceJob, text: str, finish_reason: str, prompt_toke
                      outcome="success", target_type="model", target_id=job.model.name, request_id=job.request_id,
                      details={"job": str(job.id), "prompt_tokens": prompt_tokens,
                               "completion_tokens": completion_tokens, "finish_reason": finish_reason,
-                              "data_class": _data_class_name(job)})
+                              "data_class": _data_class_name(job)}, savepoint=False)  # last write: fails it all
 
 
 @transaction.atomic
