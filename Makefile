@@ -33,13 +33,15 @@ test: install
 # The fault tests (tests/chaos, platform/citadel/jobs/RELIABILITY.md) on private PostgreSQL, Redis and
 # RabbitMQ instances: CITADEL_CHAOS_ROUNDS worker kills mid-inference and mid-fine-tune in all.
 # `make test` runs them with 3.
-# Then the long API fuzzing run (tests/fuzz: schemathesis against /api and /v1, CITADEL_FUZZ_EXAMPLES
-# valid and as many invalid examples per operation; `make test` runs 5; this one takes hours).
+# Then the long API fuzzing run (tests/fuzz: schemathesis against /api and /v1, in process through the
+# WSGI application, CITADEL_FUZZ_EXAMPLES valid and as many invalid examples per operation; `make test`
+# runs 5). One torch thread per process (OMP_NUM_THREADS=1): on a loaded machine torch's default
+# threads made the tiny model's replies 20-30 times slower.
 CITADEL_CHAOS_ROUNDS ?= 100
 CITADEL_FUZZ_EXAMPLES ?= 1000
 chaos: install
-	CITADEL_CHAOS_ROUNDS=$(CITADEL_CHAOS_ROUNDS) $(BIN)/python -m pytest -m chaos tests/chaos -s -p no:cacheprovider $(PYTEST_ARGS)
-	CITADEL_FUZZ_EXAMPLES=$(CITADEL_FUZZ_EXAMPLES) $(BIN)/python -m pytest -m fuzz tests/fuzz -p no:cacheprovider --timeout=0 $(PYTEST_ARGS)
+	CITADEL_CHAOS_ROUNDS=$(CITADEL_CHAOS_ROUNDS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m chaos tests/chaos -s -p no:cacheprovider $(PYTEST_ARGS)
+	CITADEL_FUZZ_EXAMPLES=$(CITADEL_FUZZ_EXAMPLES) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m fuzz tests/fuzz -s -p no:cacheprovider --timeout=0 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
