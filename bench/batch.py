@@ -13,8 +13,9 @@ the create call to the moment the server marked it `completed` (its output file 
 the batch's row, so the client's polling interval (`--poll`) neither adds to it nor, by polling often,
 takes CPU from the engine; the time the client saw `completed` is recorded beside it. Each batch
 round also records its phases from the database's timestamps (the create call, dispatch to the first
-claimed line, the lines running, finalizing) and the CPU seconds each process group spent meanwhile
-(worker, web server, PostgreSQL's backends for the database, this client). The two alternate for a
+claimed line, the lines running, finalizing), the CPU seconds each process group spent meanwhile
+(worker, web server, PostgreSQL's backends for the database, this client), and for both systems the
+engine's steps and mean batch size (the worker's from its heartbeat, read after a fresh beat). The two alternate for a
 few rounds, each round measuring them back to back; batch_throughput_ratio is the median of the rounds' ratios (every round is recorded, and
 the ratio of each system's best round too), since this shared VM's speed drifts within a run. The goal
 is batch_throughput_ratio >= 0.9. Ends with one JSON line.
@@ -26,6 +27,7 @@ is batch_throughput_ratio >= 0.9. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -64,17 +66,19 @@ class Offline:
 
     def run(self, convs: list[list[dict]]) -> dict:
         self.llm.chat(convs[:2], self.params)  # warm-up
+        counters = self.llm.stats()
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         outputs = self.llm.chat(convs, self.params)
         seconds = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
+        steps = engine_steps(counters, self.llm.stats())
         cpu = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
         completion = sum(len(o.token_ids) for o in outputs)
         return {"seconds": round(seconds, 3), "completion_tokens": completion,
                 "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
                 "tokens_per_second": round(completion / seconds, 2), "cpu_seconds": {"bench": round(cpu, 2)},
-                "texts": [o.text for o in outputs]}
+                "engine": steps, "texts": [o.text for o in outputs]}
 
     def close(self) -> None:
         self.llm.close()
@@ -182,7 +186,10 @@ class CpuMeter:
     """CPU seconds (user + system) of the worker, the web server (gunicorn and its workers), PostgreSQL's
     backends for one database, and this process, between start() and stop(). /proc is sampled every
     `every` seconds (a scan costs the client a few ms) so that a backend which exits meanwhile (a worker thread's connection) still counts.
-    Linux only: elsewhere every group reads 0."""
+    A backend that lives less than `every` seconds (a web request's own connection) is never seen, so the
+    PostgreSQL figure is a lower bound. Each start() takes a new baseline: processes seen in its first scan
+    count from there, ones that appear later from zero (the second round of a run once counted from zero
+    for every process, which made its figures cumulative). Linux only: elsewhere every group reads 0."""
 
     def __init__(self, *, worker: int, web: int, database: str, every: float = 1.0):
         self.groups, self.database, self.every = {"worker": worker, "web": web, "bench": os.getpid()}, database, every
@@ -216,7 +223,7 @@ class CpuMeter:
     def start(self) -> None:
         import threading
 
-        self._first, self._last = {}, {}
+        self._first, self._last, self._stop = {}, {}, None  # None: this scan is the baseline (see _scan)
         self._scan()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -234,6 +241,33 @@ class CpuMeter:
         for pid, (group, seconds) in self._last.items():
             totals[group] += seconds - self._first.get(pid, 0.0)
         return {name: round(value, 2) for name, value in totals.items()}
+
+
+def engine_steps(before: dict, after: dict) -> dict:
+    """Engine steps and their mean batch size between two readings of LLM.stats(): the same lines in
+    fewer, fuller steps is what continuous batching buys, so a batch path that feeds the engine worse
+    than the offline call shows here first."""
+    steps = after["steps"] - before["steps"]
+    return {"steps": steps, "mean_batch_size": round((after["batch_size_sum"] - before["batch_size_sum"])
+                                                     / max(steps, 1), 1)}
+
+
+def worker_counters(database_url: str, worker: str, after: float, timeout: float = 30.0) -> dict:
+    """The worker's engine counters as its heartbeat wrote them, from a beat at least `after` (epoch
+    seconds): the worker snapshots its engine every CITADEL_WORKER_HEARTBEAT_SECONDS and a beat sends
+    the latest snapshot, so a beat one period past the moment wanted carries the counters of then."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            stats, beat = conn.execute("SELECT engine_stats, extract(epoch FROM last_heartbeat) FROM registry_worker "
+                                       "WHERE name = %s", (worker,)).fetchone()
+            if float(beat) >= after and stats:
+                return next(iter(stats.values()))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no heartbeat of {worker} after {after} within {timeout}s")
+            time.sleep(0.5)
 
 
 def _phases(database_url: str, batch_id: str, submitted: float, created: float) -> dict:
@@ -255,7 +289,10 @@ def _phases(database_url: str, batch_id: str, submitted: float, created: float) 
 
 
 def through_batch(client, convs: list[list[dict]], max_tokens: int, *, database_url: str, poll: float,
-                  meter: CpuMeter | None = None) -> dict:
+                  meter: CpuMeter | None = None, counters=None) -> dict:
+    """One batch of `convs`, timed from the create call to its row's completed_at. `counters`, called with
+    an epoch time, returns the worker's engine counters as of then (see worker_counters)."""
+    before = counters(time.time()) if counters is not None else None
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                          "body": {"model": "demo-v4", "messages": conv, "max_tokens": max_tokens, "temperature": 0}})
              for i, conv in enumerate(convs)]
@@ -279,10 +316,17 @@ def through_batch(client, convs: list[list[dict]], max_tokens: int, *, database_
     output = [json.loads(raw) for raw in client.files.content(batch.output_file_id).text.splitlines()]
     texts = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in output}
     completion = batch.usage.output_tokens
+    steps = engine_steps(before, counters(submitted + phases["completed"])) if counters is not None else None
     return {"seconds": round(seconds, 3), "completion_tokens": completion, "prompt_tokens": batch.usage.input_tokens,
             "tokens_per_second": round(completion / seconds, 2), "seconds_seen_by_client": round(seen, 3),
             "phases": phases, **({"cpu_seconds": cpu} if cpu is not None else {}),
+            **({"engine": steps} if steps is not None else {}),
             "texts": [texts[f"r{i}"] for i in range(len(convs))]}
+
+
+def _fresh_counters(database_url: str, worker: str, beat: float, moment: float) -> dict:
+    # A snapshot taken after `moment` reaches the database by the beat after the next one (both run every `beat` s).
+    return worker_counters(database_url, worker, moment + beat + 1.5, timeout=4 * beat + 30)
 
 
 def run(args) -> dict:
@@ -304,10 +348,12 @@ def run(args) -> dict:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=600)
         batch = {"database_url": args.database_url, "poll": args.poll}
         through_batch(client, convs[:2], args.max_tokens, **batch)  # warm the worker's engine as offline's warm-up does
+        beat = float(stack.env["CITADEL_WORKER_HEARTBEAT_SECONDS"])
+        counters = functools.partial(_fresh_counters, args.database_url, f"{POOL}@bench", beat)
         for number in range(args.rounds):  # alternated, so a busy minute on this shared VM hits both
             print(f"[bench] round {number + 1}: offline, then through the Batch API", file=sys.stderr)
             rounds.append({"offline_llm_chat": engine.run(convs), "citadel_batch_api": through_batch(
-                client, convs, args.max_tokens, meter=stack.meter, **batch)})
+                client, convs, args.max_tokens, meter=stack.meter, counters=counters, **batch)})
     finally:
         engine.close()
         stack.stop()
@@ -349,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="offline then batch, this many times; best of each")
-    parser.add_argument("--chunk-lines", type=int, default=64, help="CITADEL_BATCH_CHUNK_LINES of the worker")
-    parser.add_argument("--feeders", type=int, default=3, help="CITADEL_BATCH_FEEDERS of the worker")
+    parser.add_argument("--chunk-lines", type=int, default=128,
+                        help="CITADEL_BATCH_CHUNK_LINES of the worker (default: the product's, 128)")
+    parser.add_argument("--feeders", type=int, default=4,
+                        help="CITADEL_BATCH_FEEDERS of the worker (default: the product's, 4)")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between the client's status reads")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/citadel_bench_batch",
                         help="a PostgreSQL database the benchmark may drop and create")
@@ -361,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     for name, system in result["systems"].items():
         print(f"{name:26s} {system['completion_tokens']:6d} tokens {system['seconds']:8.2f} s "
-              f"{system['tokens_per_second']:8.2f} tokens/s", file=sys.stderr)
+              f"{system['tokens_per_second']:8.2f} tokens/s, {system['engine']['steps']} engine steps of "
+              f"{system['engine']['mean_batch_size']} sequences on average", file=sys.stderr)
     print(f"batch_throughput_ratio {result['batch_throughput_ratio']} (median of rounds; target >= 0.9), "
           f"best of each {result['batch_throughput_ratio_best_of_each']}", file=sys.stderr)
     if args.out is not None:

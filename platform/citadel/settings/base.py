@@ -27,9 +27,11 @@ Variables (all optional here; production.py makes the secrets mandatory):
     CITADEL_FINETUNE_DEVICE  the trainer's device on workers: auto, cpu or cuda (auto)
     CITADEL_FINETUNE_WORKER_SLOTS  fine-tuning jobs one worker process trains at once (1)
     CITADEL_BATCH_MAX_FILE_BYTES  largest batch input file (200 MiB); CITADEL_BATCH_MAX_LINES (50000)
-    CITADEL_BATCH_CHUNK_LINES  lines a worker hands the engine at once (64); CITADEL_BATCH_FEEDERS  chunks
-                         in flight per batch task (3: more lines than the engine runs at once, so its batch
-                         refills from the engine's queue while a finished chunk is saved)
+    CITADEL_BATCH_CHUNK_LINES  lines a worker hands the engine at once (128); CITADEL_BATCH_FEEDERS  chunks
+                         in flight per batch task (4). Keep their product at about 4x the engine's max_num_seqs
+                         (128 by default): a chunk stays open until its longest line ends, long after most
+                         of its lines did, so a smaller window leaves the engine's batch half empty
+                         (bench/batch.py: 206 engine steps for 1,024 lines at 64 x 3 against the offline 161)
     PROMETHEUS_MULTIPROC_DIR  where gunicorn's processes share their metrics (default: <data dir>/prometheus)
     CITADEL_QUOTA_REDIS_URL  Redis for the per-minute quota windows (default: CELERY_BROKER_URL when it
                          is Redis; otherwise the database counts them)
@@ -254,8 +256,8 @@ CITADEL_FINETUNE_WORKER_SLOTS = env.int("CITADEL_FINETUNE_WORKER_SLOTS", default
 # Batches (citadel.batches) and metrics (citadel.usage.metrics).
 CITADEL_BATCH_MAX_FILE_BYTES = env.int("CITADEL_BATCH_MAX_FILE_BYTES", default=200 * 1024 * 1024)
 CITADEL_BATCH_MAX_LINES = env.int("CITADEL_BATCH_MAX_LINES", default=50_000)
-CITADEL_BATCH_CHUNK_LINES = env.int("CITADEL_BATCH_CHUNK_LINES", default=64)
-CITADEL_BATCH_FEEDERS = env.int("CITADEL_BATCH_FEEDERS", default=3)
+CITADEL_BATCH_CHUNK_LINES = env.int("CITADEL_BATCH_CHUNK_LINES", default=128)
+CITADEL_BATCH_FEEDERS = env.int("CITADEL_BATCH_FEEDERS", default=4)
 # Every process of this host (gunicorn's workers, a Celery worker) writes its metrics here, so they add up.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))
 
