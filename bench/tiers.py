@@ -7,7 +7,9 @@ Sections (each a module exposing `run(quick: bool) -> dict`, merged when present
 - bench/tiers_prefix.py: the prefix cache (prefix_ttft_speedup, ...).
 `--long-context [TOKENS]` runs only the long-context benchmark instead (a 1,000,000-token prompt on
 a long-context variant of models/demo-v4 with the device tier at a tenth of its KV); it is not part
-of the default run: it takes long on a CPU.
+of the default run: it takes long on a CPU. It sets OMP_WAIT_POLICY=PASSIVE unless the environment
+sets it (recorded as long_context_omp_wait_policy): on a shared machine, spinning OpenMP threads
+made its prefill several times slower.
 
 Ends with ONE JSON line of every section's keys, also written to bench/results/tiers-cpu.json (or
 --out) with the machine and the commit.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -69,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.long_context is not None and "torch" not in sys.modules:
+        # OpenMP's idle threads spin by default: on a machine shared with other jobs (more runnable
+        # threads than cores), every parallel region then waits out a preempted spinner, and the
+        # long prefill's thousands of small GEMMs per chunk ran ~10x slower at load ~15. Passive
+        # waiting sleeps instead (read once, when torch loads OpenMP; an explicit setting wins).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         import torch
 

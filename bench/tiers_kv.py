@@ -296,6 +296,8 @@ def long_context(
         "long_context_prefill_seconds": round(first, 1),
         "long_context_prefill_tokens_per_second": round(tokens / first, 1),
         "long_context_chunk_tokens": chunk,
+        "long_context_threads": torch.get_num_threads(),
+        "long_context_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spinning)"),
         "long_context_decode_seconds_per_token": round((total - first) / max(len(generated) - 1, 1), 3),
         "long_context_wall_seconds": round(total, 1),
         "long_context_kv_needed_bytes": needed,

@@ -32,6 +32,8 @@ from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweight
 
 # Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
 SCORE_BUDGET = 1 << 24
+# Queries of a prefill chunk attended at once (each scores the block's Lb+W-1 local keys).
+PREFILL_BLOCK = 128
 # Elements of indexer scores (queries x index heads x entries) computed at once in a prefill: 1 MiB.
 INDEX_TILE = 1 << 18
 # A key matrix shared by every query is folded into one GEMM from this many elements on (below it,
@@ -47,10 +49,54 @@ def batched_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(-1, x.shape[-1]), y[0]).view(*x.shape[:-1], y.shape[-1])
 
 
-def softmax_with_sink(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-    """scores [..., H, n] (masked with -inf), sinks [H] -> probabilities [..., H, n] without the sink's."""
-    sink = sinks.view(*([1] * (scores.dim() - 2)), -1, 1).expand(*scores.shape[:-1], 1)
-    combined = torch.cat([scores, sink], dim=-1)  # float32 (the sink is)
+def mask_tail(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """scores [Q, (H,) N] in place: -inf at entries >= visible [Q] of each query. Only the columns past
+    the block's fewest visible entries are touched: a prefill block at depth sees all but its last
+    few entries, so masking the whole row (a fresh [Q, N] mask and copy) cost as much as the top-k."""
+    first = min(int(visible.min()), scores.shape[-1])
+    cols = torch.arange(first, scores.shape[-1], device=scores.device)
+    hidden = cols >= visible[:, None]  # [Q, N - first]
+    tail = scores[..., first:]
+    tail.masked_fill_(hidden if scores.dim() == 2 else hidden[:, None], float("-inf"))
+    return scores
+
+
+def fused_attention(q: torch.Tensor) -> bool:
+    """Whether attend_shared's fused CPU kernel serves these queries (float32 on a CPU)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def attend_shared(q, keys, in_window, entries, visible, sinks, scale: float) -> torch.Tensor:
+    """A prefill block's attention over its window and the entries every query shares (HCA), with a sink.
+
+    q [Lb, H, hd]; keys [nw, hd] the block's local keys (K = V), in_window [Lb, nw]; entries [N, hd],
+    query i seeing the first visible[i] >= 1 of them; sinks [H] -> [Lb, H, hd]. torch's fused CPU
+    attention (flash: blocks of scores kept in cache, no [Lb, H, nw + N] score, copy or softmax
+    passes; 2-3x faster at N = 16k) gives softmax(scores) @ V and each row's log-sum-exp; the sink's
+    share of softmax([scores, sink]) is then exact to apply: the output times sigmoid(lse - sink).
+    The same math as softmax_with_sink in another summation order (float32 rounding apart)."""
+    nw, heads = keys.shape[0], q.shape[1]
+    kv = torch.cat([keys, entries])  # [nw + N, hd]
+    mask = kv.new_zeros(q.shape[0], kv.shape[0])
+    mask[:, :nw].masked_fill_(~in_window, float("-inf"))
+    mask_tail(mask[:, nw:], visible)
+    kv = kv[None, None].expand(1, heads, *kv.shape)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(0, 1)[None], kv, kv, 0.0, False, attn_mask=mask[None, None], scale=scale
+    )  # [1, H, Lb, hd], [1, H, Lb]
+    return (out[0] * torch.sigmoid(lse[0] - sinks[:, None])[..., None]).transpose(0, 1)
+
+
+def softmax_with_sink(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """scores [..., H, n] (masked with -inf), sinks [H] -> probabilities [..., H, n] without the sink's.
+
+    `sinks` None: scores [..., H, n + 1] already end with the sink's column (float32), and are
+    overwritten (a long prefill block's scores are large: no copy)."""
+    if sinks is None:
+        combined = scores
+    else:
+        sink = sinks.view(*([1] * (scores.dim() - 2)), -1, 1).expand(*scores.shape[:-1], 1)
+        combined = torch.cat([scores, sink], dim=-1)  # float32 (the sink is)
     combined -= combined.amax(dim=-1, keepdim=True)
     return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
@@ -176,7 +222,7 @@ class Indexer(nn.Module):
         tile = max(256, INDEX_TILE // flat.shape[0])
         for a in range(0, keys.shape[0], tile):
             s = torch.matmul(flat, keys[a : a + tile].t()).view(*q.shape[:2], -1)
-            out[:, a : a + tile] = s.relu_().mul_(scale).mul_(weights).sum(dim=1)
+            torch.sum(s.relu_().mul_(scale).mul_(weights), dim=1, out=out[:, a : a + tile])
         return out
 
 
@@ -328,9 +374,11 @@ class Attention(nn.Module):
         local_pos = torch.arange(start - W + 1, start + L, device=dev)
         q_pos = torch.arange(start, start + L, device=dev)
         seq = self._sequence_entries(i, entries, index, batch) if entries is not None else None
-        # Queries in blocks, so the scores of a long chunk never exceed SCORE_BUDGET elements.
+        # Queries in blocks of at most PREFILL_BLOCK (a block's queries score all its Lb+W-1 local keys,
+        # most of them masked: a whole 2k-token chunk at once cost ~65x the window's work), so the
+        # scores of a long chunk never exceed SCORE_BUDGET elements either.
         width = W + (0 if seq is None else self.indexer.top_k if self.indexer else seq.count)
-        block = max(1, min(L, SCORE_BUDGET // (self.n_heads * (width + min(L, 256)))))
+        block = max(1, min(L, PREFILL_BLOCK, SCORE_BUDGET // (self.n_heads * (width + PREFILL_BLOCK))))
         if seq is not None and self.indexer is not None:
             block = max(1, min(block, SCORE_BUDGET // (self.indexer.n_heads * seq.count)))
         out = q.new_empty(q.shape)
@@ -338,16 +386,33 @@ class Attention(nn.Module):
             b = min(a + block, L)
             qp, keys, kp = q_pos[a:b], local[a : b + W - 1], local_pos[a : b + W - 1]  # [Lb], [Lb+W-1, hd]
             in_window = (kp >= 0) & (kp <= qp[:, None]) & (kp > qp[:, None] - W)  # [Lb, Lb+W-1]
+            if seq is not None and self.indexer is None and int(qp[0]) + 1 >= seq.rate and fused_attention(q):
+                visible = (qp + 1) // seq.rate  # HCA on a CPU: one fused kernel (every query sees an entry)
+                out[a:b] = attend_shared(q[a:b], keys, in_window, seq.entries, visible, self.attn_sink, self.scaling)
+                continue
             scores = torch.matmul(q[a:b], keys.t()) * self.scaling  # [Lb, H, Lb+W-1]
-            scores = scores.masked_fill(~in_window[:, None], float("-inf"))
             if seq is None:
+                scores = scores.masked_fill(~in_window[:, None], float("-inf"))
                 out[a:b] = torch.matmul(softmax_with_sink(scores, self.attn_sink).to(q.dtype), keys)
                 continue
-            extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.prompt_lens[i], batch)
-            extra = batched_matmul(q[a:b], extra_keys.transpose(-1, -2)).mul_(self.scaling)  # [Lb, H, K]
-            extra = extra.masked_fill_(~chosen[:, None], float("-inf"))
-            probs = softmax_with_sink(torch.cat([scores, extra], dim=-1), self.attn_sink).to(q.dtype)
-            nw = keys.shape[0]
+            if self.indexer is None:  # HCA: every entry whose window has closed
+                extra_keys = seq.entries[None]  # [1, N, hd]
+            else:
+                extra_keys, chosen = self._chosen_entries(seq, qp, a, b, batch.prompt_lens[i], batch)
+            extra = batched_matmul(q[a:b], extra_keys.transpose(-1, -2)).mul_(self.scaling)  # [Lb, H, N or K]
+            # Window scores | entry scores | sink in one buffer (what cat-ing them twice built).
+            nw, ne = keys.shape[0], extra.shape[-1]
+            dtype = torch.promote_types(scores.dtype, self.attn_sink.dtype)
+            combined = torch.empty(*scores.shape[:-1], nw + ne + 1, dtype=dtype, device=dev)
+            combined[..., :nw] = scores
+            combined[..., :nw].masked_fill_(~in_window[:, None], float("-inf"))
+            combined[..., nw:-1] = extra
+            if self.indexer is None:
+                mask_tail(combined[..., nw:-1], visible=(qp + 1) // seq.rate)
+            else:
+                combined[..., nw:-1].masked_fill_(~chosen[:, None], float("-inf"))
+            combined[..., -1] = self.attn_sink
+            probs = softmax_with_sink(combined, None).to(q.dtype)
             out[a:b] = torch.matmul(probs[..., :nw], keys) + batched_matmul(probs[..., nw:], extra_keys)
         return out
 
@@ -370,13 +435,10 @@ class Attention(nn.Module):
         return seq
 
     def _chosen_entries(self, seq: _SequenceEntries, qp, a: int, b: int, prompt_len: int, batch: V4Batch):
-        """Entries the queries at positions qp [Lb] attend to -> keys [Lb or 1, K, hd], chosen [Lb, K]."""
+        """CSA: the entries the queries at positions qp [Lb] attend to -> keys [Lb, K, hd], chosen [Lb, K]."""
         visible = (qp + 1) // seq.rate  # [Lb]: entries whose window has closed
-        ids = torch.arange(seq.count, device=qp.device)[None, :]  # [1, N]
-        if self.indexer is None:  # HCA: every visible entry
-            return seq.entries[None], ids < visible[:, None]
         scores = self.indexer.scores(seq.queries[a:b], seq.weights[a:b], seq.index_keys[None])  # [Lb, N]
-        scores = scores.masked_fill_(ids >= visible[:, None], float("-inf"))
+        mask_tail(scores, visible)
         hf_len = torch.where(qp < prompt_len, prompt_len // seq.rate, visible)
         ties = (torch.full_like(qp, seq.row), qp, batch.first_tie)
         ids, chosen = select_top_k(scores, visible, hf_len, self.indexer.top_k, ties)  # [Lb, K]
