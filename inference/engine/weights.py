@@ -139,5 +139,7 @@ def assign_parameter(module: torch.nn.Module, name: str, tensor: torch.Tensor, d
             f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the config implies "
             f"{tuple(expected.shape)}"
         )
-    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    # copy=True: a parameter never views the mapped shard. One view (a tensor already in the device's
+    # dtype) keeps the whole shard mapped, and every page of it loading read stays in the process's memory.
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
     setattr(owner, attr, torch.nn.Parameter(value, requires_grad=False))
