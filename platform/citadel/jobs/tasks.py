@@ -32,6 +32,7 @@ from citadel.jobs.services import (
     jobs_prompts_purge,
     jobs_redispatch_queued,
 )
+from citadel.registry.adapter_check import adapter_files_check
 from citadel.usage.metrics import timed_events
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def _events(llm, job: InferenceJob):
 def _lora_request(adapter: dict):
     from inference import LoRARequest
 
+    adapter_files_check(name=adapter["name"], path=adapter["path"])  # its SHA-256 manifest: refused, audited
     return LoRARequest(name=adapter["name"], path=adapter["path"])
 
 
