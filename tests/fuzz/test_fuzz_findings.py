@@ -73,3 +73,10 @@ def test_the_management_schema_marks_fields_that_can_be_null_as_nullable(admin):
     assert schemas["PolicyOutput"]["properties"]["team"].get("nullable") is True
     for name in ("validation_file", "fine_tuned_model", "pool", "site", "team"):
         assert schemas["FineTuningJobOutput"]["properties"][name].get("nullable") is True, name
+
+
+@pytest.mark.parametrize("limit", ["-694", "0"])
+def test_a_limit_below_one_on_the_audit_records_gets_400_naming_it_not_a_server_error(admin, limit):
+    response = admin.get("/api/v1/audit/records/", {"limit": limit})
+    assert response.status_code == 400, response.content
+    assert response.json()["field"] == "limit" and "between 1 and 1000" in response.json()["detail"]

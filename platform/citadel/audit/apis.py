@@ -39,4 +39,6 @@ class AuditRecordListApi(APIView):
             limit = min(int(request.query_params.get("limit") or 100), 1000)
         except ValueError:
             raise InvalidRequest("before and limit must be whole numbers.") from None
+        if limit < 1:  # a negative slice is not a query: it raised, a 500 (found by tests/fuzz)
+            raise InvalidRequest(f"limit must be between 1 and 1000, not {limit}.", param="limit")
         return Response(AuditRecordOutput(records[:limit], many=True).data)
