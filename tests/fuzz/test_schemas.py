@@ -131,10 +131,16 @@ def fuzz(schema, call) -> None:
             def run(case):
                 timed(case)  # noqa: B023 - run() is called in this same iteration
 
+            began, before = time.monotonic(), calls[operation.label]
+            outcome = "ok"
             try:
                 run()
             except (Exception, BaseExceptionGroup) as error:  # noqa: BLE001 - gathered and reported below
                 failures.append(f"{operation.label} ({mode.value}): {type(error).__name__}: {error}"[:3000])
+                outcome = f"FAILED: {type(error).__name__}"
+            # One line per operation as it ends, so that a long run shows its progress and findings.
+            print(f"FUZZ {operation.label} ({mode.value}): {calls[operation.label] - before} calls in "
+                  f"{time.monotonic() - began:.0f}s {outcome}", flush=True)
     took = time.monotonic() - started
     slowest = ", ".join(f"{label} {spent[label]:.0f}s/{calls[label]}" for label, _ in spent.most_common(5))
     print(f"\nFUZZ {'http' if OVER_HTTP else 'wsgi'} examples={EXAMPLES} operations={len(calls)} "
