@@ -66,25 +66,38 @@ def fused_attention(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.float32
 
 
-def attend_shared(q, keys, in_window, entries, visible, sinks, scale: float) -> torch.Tensor:
-    """A prefill block's attention over its window and the entries every query shares (HCA), with a sink.
+def flash_attention(q, kv, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [L, H, hd], kv [S, hd] (K = V, one head shared by all), additive mask [L, S] or None ->
+    softmax(q k^T * scale + mask) @ v [H, L, hd] and each row's log-sum-exp [H, L]: torch's fused CPU
+    attention (flash: blocks of scores kept in cache, no [L, H, S] score, copy or softmax passes)."""
+    kv = kv[None, None].expand(1, q.shape[1], *kv.shape)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(0, 1)[None], kv, kv, 0.0, False, attn_mask=None if mask is None else mask[None, None], scale=scale
+    )
+    return out[0], lse[0]
 
-    q [Lb, H, hd]; keys [nw, hd] the block's local keys (K = V), in_window [Lb, nw]; entries [N, hd],
-    query i seeing the first visible[i] >= 1 of them; sinks [H] -> [Lb, H, hd]. torch's fused CPU
-    attention (flash: blocks of scores kept in cache, no [Lb, H, nw + N] score, copy or softmax
-    passes; 2-3x faster at N = 16k) gives softmax(scores) @ V and each row's log-sum-exp; the sink's
-    share of softmax([scores, sink]) is then exact to apply: the output times sigmoid(lse - sink).
-    The same math as softmax_with_sink in another summation order (float32 rounding apart)."""
-    nw, heads = keys.shape[0], q.shape[1]
-    kv = torch.cat([keys, entries])  # [nw + N, hd]
+
+def attend_shared(q, keys, in_window, entries, visible, sinks, scale: float, bulk=None) -> torch.Tensor:
+    """A prefill block's attention over its window and the entries its queries share (HCA), with a sink.
+
+    q [Lb, H, hd]; keys [nw, hd] the block's local keys (K = V), in_window [Lb, nw]; entries [n, hd],
+    query i seeing the first visible[i] of them; sinks [H]; bulk: (out [H, Lb, hd], lse [H, Lb]) of
+    these queries over entries every query of the chunk sees, attended once per chunk (a big maskless
+    flash_attention). Parts attended apart are merged by their log-sum-exps, and the sink's share of
+    softmax([scores, sink]) applied: the same math as softmax_with_sink in another summation order
+    (float32 rounding apart). -> [Lb, H, hd]."""
+    nw = keys.shape[0]
+    kv = torch.cat([keys, entries])  # [nw + n, hd]
     mask = kv.new_zeros(q.shape[0], kv.shape[0])
     mask[:, :nw].masked_fill_(~in_window, float("-inf"))
     mask_tail(mask[:, nw:], visible)
-    kv = kv[None, None].expand(1, heads, *kv.shape)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(0, 1)[None], kv, kv, 0.0, False, attn_mask=mask[None, None], scale=scale
-    )  # [1, H, Lb, hd], [1, H, Lb]
-    return (out[0] * torch.sigmoid(lse[0] - sinks[:, None])[..., None]).transpose(0, 1)
+    parts = [flash_attention(q, kv, mask, scale)] + ([bulk] if bulk is not None else [])
+    sink = sinks[:, None].to(parts[0][1].dtype)  # [H, 1]
+    top = torch.stack([lse for _, lse in parts]).amax(dim=0).maximum(sink)  # [H, Lb]: every query sees itself
+    shares = [torch.exp(lse - top) for _, lse in parts]
+    total = sum(shares) + torch.exp(sink - top)
+    merged = sum(out * (share / total)[..., None] for (out, _), share in zip(parts, shares, strict=True))
+    return merged.transpose(0, 1)
 
 
 def softmax_with_sink(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -378,6 +391,11 @@ class Attention(nn.Module):
         # most of them masked: a whole 2k-token chunk at once cost ~65x the window's work), so the
         # scores of a long chunk never exceed SCORE_BUDGET elements either.
         width = W + (0 if seq is None else self.indexer.top_k if self.indexer else seq.count)
+        fused = seq is not None and self.indexer is None and fused_attention(q)
+        if fused:  # HCA on a CPU: the entries the chunk's first query sees, all its queries see: at once
+            shared = (start + 1) // seq.rate
+            bulk = flash_attention(q, seq.entries[:shared], None, self.scaling) if shared else None
+            width = W + seq.count - shared  # per block: its window and the chunk's last entries
         block = max(1, min(L, PREFILL_BLOCK, SCORE_BUDGET // (self.n_heads * (width + PREFILL_BLOCK))))
         if seq is not None and self.indexer is not None:
             block = max(1, min(block, SCORE_BUDGET // (self.indexer.n_heads * seq.count)))
@@ -386,9 +404,12 @@ class Attention(nn.Module):
             b = min(a + block, L)
             qp, keys, kp = q_pos[a:b], local[a : b + W - 1], local_pos[a : b + W - 1]  # [Lb], [Lb+W-1, hd]
             in_window = (kp >= 0) & (kp <= qp[:, None]) & (kp > qp[:, None] - W)  # [Lb, Lb+W-1]
-            if seq is not None and self.indexer is None and int(qp[0]) + 1 >= seq.rate and fused_attention(q):
-                visible = (qp + 1) // seq.rate  # HCA on a CPU: one fused kernel (every query sees an entry)
-                out[a:b] = attend_shared(q[a:b], keys, in_window, seq.entries, visible, self.attn_sink, self.scaling)
+            if fused:
+                part = None if bulk is None else (bulk[0][:, a:b], bulk[1][:, a:b])
+                visible = (qp + 1) // seq.rate - shared  # of the entries past the shared ones
+                out[a:b] = attend_shared(
+                    q[a:b], keys, in_window, seq.entries[shared:], visible, self.attn_sink, self.scaling, part
+                )
                 continue
             scores = torch.matmul(q[a:b], keys.t()) * self.scaling  # [Lb, H, Lb+W-1]
             if seq is None:
