@@ -35,7 +35,8 @@ PAGE_SIZE = 25
 BYTE_SETTINGS = ("kv_device_bytes", "kv_host_bytes", "kv_disk_bytes", "kv_cache_memory")
 INT_SETTINGS = ("max_num_seqs", "max_model_len")
 TEXT_SETTINGS = ("device", "kv_disk_path")
-FORM_SETTINGS = (*BYTE_SETTINGS, *INT_SETTINGS, *TEXT_SETTINGS, "quantization")
+CHOICE_SETTINGS = ("quantization", "kv_cache_dtype")  # selects; empty: the engine's default, EngineConfig checks the rest
+FORM_SETTINGS = (*BYTE_SETTINGS, *INT_SETTINGS, *TEXT_SETTINGS, *CHOICE_SETTINGS)
 _UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -179,8 +180,9 @@ def engine_settings_from_form(post) -> tuple[dict, dict]:
     for name in TEXT_SETTINGS:
         if post.get(name, "").strip():
             settings_[name] = post[name].strip()
-    if post.get("quantization"):
-        settings_["quantization"] = post["quantization"]
+    for name in CHOICE_SETTINGS:
+        if post.get(name, "").strip():
+            settings_[name] = post[name].strip()
     extra = post.get("extra_settings", "").strip()
     if extra:
         try:
