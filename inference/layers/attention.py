@@ -104,15 +104,34 @@ def _decode_each(q, cache, block_tables, ctx: ForwardContext, scale: float, slid
             block_tables[i, : -(-length // page_entries)]
             for i, length in enumerate(ctx.context_lens[: q.shape[0]])
         ]
+    if kv_quant.is_packed(cache):
+        outs = []
+        for i, ids in enumerate(pages):
+            length = ctx.context_lens[i]
+            kv = cache.index_select(0, ids).view(1, -1, *cache.shape[2:])  # [1, pages * page_entries, 2, Hkv, D]
+            kv = kv[:, max(0, length - sliding_window) if sliding_window is not None else 0 : length]
+            kv = kv_quant.load(kv, q.dtype)  # fp8 KV: dequantized
+            k_all, v_all = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [1, Hkv, L, D]
+            outs.append(_sdpa(q[i : i + 1, :, None], k_all, v_all, None, scale, causal=False)[:, :, 0])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    # Four operations per sequence (this loop runs sequences x layers times a step, ~460 at 58 decodes):
+    # K and V are strided views of the gathered pages, the same shape and strides the slices and
+    # transposes above give, so SDPA computes the same bits.
+    _, _, kv_heads, head_dim = cache.shape[1:]
+    token_stride = 2 * kv_heads * head_dim
+    strides = (0, head_dim, token_stride, 1)  # [1, Hkv, L, D] over [pages * page_entries, 2, Hkv, D]
+    queries = q[:, None, :, None].unbind(0)  # [1, Hq, 1, D] each
     outs = []
     for i, ids in enumerate(pages):
         length = ctx.context_lens[i]
-        kv = cache.index_select(0, ids).view(1, -1, *cache.shape[2:])  # [1, pages * page_entries, 2, Hkv, D]
-        kv = kv[:, max(0, length - sliding_window) if sliding_window is not None else 0 : length]
-        kv = kv_quant.load(kv, q.dtype)  # fp8 KV: dequantized
-        k_all, v_all = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [1, Hkv, L, D]
-        outs.append(_sdpa(q[i : i + 1, :, None], k_all, v_all, None, scale, causal=False)[:, :, 0])
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        first = max(0, length - sliding_window) if sliding_window is not None else 0
+        kv = cache.index_select(0, ids)  # [pages, page_entries, 2, Hkv, D], contiguous
+        size = (1, kv_heads, length - first, head_dim)
+        k_all = kv.as_strided(size, strides, first * token_stride)
+        v_all = kv.as_strided(size, strides, first * token_stride + kv_heads * head_dim)
+        outs.append(_sdpa(queries[i], k_all, v_all, None, scale, causal=False))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, Hq, 1, D]
+    return out.view(q.shape)
 
 
 def _decode(q, cache, block_tables, ctx: ForwardContext, scale: float, sliding_window: int | None):
