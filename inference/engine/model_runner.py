@@ -101,15 +101,31 @@ class ModelRunner:
             if value is not None and slower[name] == 0:
                 raise ValueError(f"{name}={value} holds no cache page (one page is {page_bytes} bytes): raise it")
         selective = bool(getattr(model, "reads_kv_through_tiers", False))
-        sizing = BlockManager(self.spec, 2, 0, self.block_size)
+        sizing = BlockManager(self.spec, 2, 0, self.block_size, config.enable_prefix_caching)
+        needs = []
         if selective:  # a step must hold the pages it writes: at most a chunk's and one more per sequence and group
             groups = len(self.spec.paged_groups)
-            needed = sizing.pages_for(config.max_num_batched_tokens) + groups * config.max_num_seqs
-            if device_pages - 1 < needed:
+            written = sizing.pages_for(config.max_num_batched_tokens) + groups * config.max_num_seqs
+            why = (
+                f"a step of max_num_batched_tokens={config.max_num_batched_tokens} and max_num_seqs="
+                f"{config.max_num_seqs} may write {written}: raise kv_device_bytes or lower those"
+            )
+            needs.append((written, why))
+        # A prefix-cache snapshot of a sequence's slot (V4's state, in the model dtype: more pages when pages
+        # are fp8) is brought on device whole to be saved or loaded (KVTiers.on_device), before the step.
+        snapshot = sizing.prefix.snapshot_pages if sizing.prefix is not None else 0
+        if snapshot:
+            why = (
+                f"a prefix-cache snapshot of a sequence's state (block_size={self.block_size}, kv_cache_dtype="
+                f"{config.kv_cache_dtype!r}) takes {snapshot}: raise kv_device_bytes, or set enable_prefix_caching=false"
+            )
+            needs.append((snapshot, why))
+        for pages, why in needs:
+            if device_pages - 1 < pages:
+                least = slot_bytes + (max(p for p, _ in needs) + 1) * page_bytes  # with the null page
                 raise ValueError(
                     f"kv_device_bytes={config.kv_device_bytes} holds {device_pages - 1} pages of {page_bytes} bytes; "
-                    f"a step of max_num_batched_tokens={config.max_num_batched_tokens} and max_num_seqs="
-                    f"{config.max_num_seqs} may write {needed}: raise kv_device_bytes or lower those"
+                    f"{why} (kv_device_bytes must be at least {least} with these settings)"
                 )
         self.cache = PagedCache(self.spec, device_pages, num_slots, self.block_size, device)
         self.tiers = KVTiers(
