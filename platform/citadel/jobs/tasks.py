@@ -42,11 +42,15 @@ CHUNK_FLUSH_SECONDS = 0.02
 
 @task_prerun.connect
 @task_postrun.connect
-def _task_connections(**kwargs) -> None:
+def _task_connections(sender=None, **kwargs) -> None:
     """Around each task, what Django does around each request: drop this thread's database connection
     when it is older than CONN_MAX_AGE or broken, and check a kept one before its next use. Celery's
     own fixup would close it after every task (CELERY_DB_REUSE_MAX, citadel.settings.celery, keeps
-    it), so every job paid for a new PostgreSQL backend."""
+    it), so every job paid for a new PostgreSQL backend. Not for a task run eagerly (`apply()`) in
+    the caller's thread, as Celery's own fixup: that connection is the caller's, maybe inside its
+    transaction."""
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
     close_old_connections()
 
 
