@@ -105,3 +105,15 @@ def live_stack(django_db_setup, django_db_blocker, tiny_checkpoint, tmp_path_fac
             with connection.cursor() as cursor:  # a straggling connection would block dropping the test DB
                 cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`): engine
+    comparisons against a reference stay bit-stable and fast on a 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,17 +1,10 @@
 """The expert section of `python -m bench.tiers` (bench/tiers_experts.py): every figure, measured on demo-v4."""
 
 import pytest
-import torch
 
 from bench import tiers_experts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def test_the_quick_expert_section_reports_hit_rates_bytes_and_projections_on_the_cpu():

@@ -21,7 +21,8 @@ from transformers import AutoConfig
 from inference import LLM, RequestOutput, SamplingParams
 from inference.engine.block_manager import BlockManager
 from inference.models.deepseek_v4_cache import V4CacheLayout
-from tests.inference.test_qwen3_moe_model import single_threaded_torch  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo-v4"
 GREEDY = SamplingParams(temperature=0, max_tokens=6)  # stops at eos, as transformers' generate does

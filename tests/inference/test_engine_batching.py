@@ -14,11 +14,9 @@ from inference.detokenizer import IncrementalDetokenizer
 from inference.engine import EngineConfig, LLMEngine, Sequence
 from inference.loader import load_tokenizer
 from inference.models import load_model
-from tests.inference.test_qwen3_moe_model import (  # noqa: F401 (single_threaded_torch is an autouse fixture)
-    build_qwen3_moe_checkpoint,
-    reference,
-    single_threaded_torch,
-)
+from tests.inference.test_qwen3_moe_model import build_qwen3_moe_checkpoint, reference
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6)  # stops at eos, as transformers' generate does
 

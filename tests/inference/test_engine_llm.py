@@ -13,7 +13,9 @@ import pytest
 from inference import LLM, SamplingParams
 from inference.engine.loop import EngineFailure
 from inference.engine.model_runner import ModelRunner
-from tests.inference.test_qwen3_moe_model import build_qwen3_moe_checkpoint, single_threaded_torch  # noqa: F401
+from tests.inference.test_qwen3_moe_model import build_qwen3_moe_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 PROMPT = "The old citadel stood on a hill above the river, and every morning the keepers opened its gates."
 

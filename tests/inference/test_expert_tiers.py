@@ -31,12 +31,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, logprobs=2, prompt_logprob
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def generate(folder, prompts=PROMPTS, **settings):

@@ -19,12 +19,7 @@ from .test_qwen3_moe_model import build_qwen3_moe_checkpoint
 DEMO = "models/demo-v4"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def test_each_128x128_block_gets_one_scale_and_values_keep_e4m3_precision():

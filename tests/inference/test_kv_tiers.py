@@ -18,10 +18,9 @@ import torch
 from bench.tiers_kv import long_context_checkpoint
 from inference import LLM, SamplingParams
 from inference.engine import EngineConfig
-from tests.inference.test_qwen3_moe_model import (  # noqa: F401 (single_threaded_torch is an autouse fixture)
-    build_qwen3_moe_checkpoint,
-    single_threaded_torch,
-)
+from tests.inference.test_qwen3_moe_model import build_qwen3_moe_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo-v4"
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=0, prompt_logprobs=0)

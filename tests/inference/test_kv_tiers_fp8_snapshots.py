@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from inference import LLM
 
@@ -27,12 +26,7 @@ SETTINGS = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=256, kv_cac
 REFUSAL = r"kv_device_bytes=\d+ holds (\d+) pages .* snapshot .* takes (\d+).* at least (\d+)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from inference import LLM, SamplingParams
-from tests.inference.test_qwen3_moe_model import single_threaded_torch  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 # Long enough to slide out of the 16-token window and to fill several compressor windows.
 LONG_PROMPT = (

@@ -31,12 +31,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def shared_prefix_prompts(vocab: int, base_len: int, seed: int = 0) -> list[list[int]]:

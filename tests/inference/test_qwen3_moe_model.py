@@ -75,15 +75,7 @@ def assert_prompt_logprobs_match(llm, hf_model, prompts, tolerance):
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= tolerance
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    """One intra-op thread while these modules run: on the shared 2-core test machine two OpenMP
-    threads stall at every parallel region whenever another process holds a core (steps of ~1 ms
-    then take tens of ms). Engine loop threads created meanwhile keep the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 @pytest.fixture(scope="module")
