@@ -171,7 +171,8 @@ def _launch(env: dict, args: argparse.Namespace, port: int, logs: Path) -> list[
     ]
 
 
-def _wait_ready(base_url: str, processes, logs: Path, timeout: float = 180) -> None:
+def _wait_ready(base_url: str, processes, logs: Path, timeout: float = 180, workers: int = 2) -> None:
+    """Until /healthz answers and `workers` workers are online with their model loaded."""
     import httpx
     from django.db import connection
 
@@ -188,7 +189,7 @@ def _wait_ready(base_url: str, processes, logs: Path, timeout: float = 180) -> N
             web = False
         loaded = Worker.objects.filter(status="online").exclude(loaded_models=[]).count()
         connection.close()
-        if web and loaded == 2:
+        if web and loaded >= workers:
             return
         time.sleep(0.5)
     raise TimeoutError("the stack did not come up:\n" + _tail(logs))

@@ -102,7 +102,7 @@ def trace(args) -> None:
                                  cwd=gateway.ROOT, env={**env, "PGAPPNAME": "worker", "CITADEL_BENCH_STUB_ENGINE": "1"},
                                  stdout=(logs / "worker.log").open("w"), stderr=subprocess.STDOUT),
             ]
-            _wait(f"http://127.0.0.1:{port}", processes, logs)
+            gateway._wait_ready(f"http://127.0.0.1:{port}", processes, logs, workers=1)
             body = ({"model": gateway.STUB_MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
                     if "chat" in args.path else {"model": gateway.STUB_MODEL, "prompt": "ping", "max_tokens": 1})
             postmaster = psutil.Process(int((cluster.data / "postmaster.pid").read_text().split()[0]))
@@ -130,27 +130,6 @@ def trace(args) -> None:
             redis.Redis.from_url(args.redis_url).flushdb()
 
 
-def _wait(base_url: str, processes, logs: Path, timeout: float = 180) -> None:
-    import httpx
-    from django.db import connection
-
-    from citadel.registry.models import Worker
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"a process exited with {process.returncode}:\n" + gateway._tail(logs))
-        try:
-            web = httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            web = False
-        loaded = Worker.objects.filter(status="online").exclude(loaded_models=[]).exists()
-        connection.close()
-        if web and loaded:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("the stack did not come up:\n" + gateway._tail(logs))
 
 
 def _report(args, windows, before, after, entries) -> None:
