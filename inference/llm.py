@@ -154,11 +154,12 @@ class LLM:
             self._new_sequence(p, sp, lr, salt)
             for p, sp, lr, salt in zip(prompt_list, params_list, lora_list, salt_list, strict=True)
         ]
-        outboxes = [self._loop.submit(seq) for seq in seqs]  # all at once: they decode as one batch
+        # All at once, so they decode as one batch; woken once, when the last one finishes.
+        finished = self._loop.submit_all(seqs)
         try:
-            for outbox in outboxes:
-                for _ in _events(outbox):
-                    pass
+            item = finished.get()
+            if isinstance(item, BaseException):
+                raise EngineFailure(f"the engine failed while serving the request: {item}") from item
         finally:
             for seq in seqs:
                 if seq.finish_reason is None:

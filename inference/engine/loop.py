@@ -1,7 +1,8 @@
 """One thread that steps the engine while there is work, serving callers from any thread.
 
 Callers (Celery tasks, `LLM.generate`, several `LLM.stream` iterators at once) submit
-sequences and read their StreamEvents from a queue of their own; the loop thread is the only
+sequences and read their StreamEvents from a queue of their own (`submit`), or, when they want
+whole results only, wait once for all of them to finish (`submit_all`); the loop thread is the only
 one that touches the engine, so every request that is in flight at a step shares that step's
 batch. When a step fails, every unfinished request receives the exception (nobody hangs) and
 the loop carries on with new requests.
@@ -13,6 +14,11 @@ idle workers spin, which made every small operation of a decode step wait for a 
 batch-of-one step took twice as long when the weights had been loaded by another thread). So
 the thread that steps the engine is the only one that ever runs the model's operations.
 Live loops are closed at interpreter exit, so a daemon thread is never cut off mid-step.
+
+`submit_all` exists for the same reason: a caller waiting on per-token events is woken at every
+step, and on two cores each wake-up of another Python thread (a batch worker's feeders) preempts
+one of the step's OpenMP threads, whose barrier then waits for it. A `generate` caller needs no
+event before the last one, so it is woken once.
 """
 
 from __future__ import annotations
@@ -46,6 +52,23 @@ def _close_live_loops() -> None:
         loop.close(wait=True)
 
 
+class _AllFinished:
+    """The outbox of a `submit_all` group: counts its sequences' final events and puts one None on
+    `queue` after the last; exceptions pass straight through. Only the loop thread calls `put`."""
+
+    def __init__(self, count: int):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._remaining = count
+
+    def put(self, item) -> None:
+        if isinstance(item, BaseException):
+            self.queue.put(item)
+        elif item.finish_reason is not None:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self.queue.put(None)
+
+
 class EngineLoop:
     """Starts the loop thread, which calls `build()` to make the engine, then serves requests.
 
@@ -77,6 +100,18 @@ class EngineLoop:
         outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox.put(("add", seq, outbox))
         return outbox
+
+    def submit_all(self, seqs: list[Sequence]) -> queue.SimpleQueue:
+        """Queue `seqs` together; the returned queue receives None once every one has finished (read
+        the results from the sequences), or an exception that failed them, and nothing per token."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        group = _AllFinished(len(seqs))
+        if not seqs:
+            group.queue.put(None)
+        for seq in seqs:
+            self._inbox.put(("add", seq, group))
+        return group.queue
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))

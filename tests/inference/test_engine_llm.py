@@ -176,6 +176,14 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_serves_the_n
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
 
 
+def test_submit_all_wakes_its_caller_once_after_the_last_sequence_and_sends_no_token_events(llm):
+    seqs = [llm._new_sequence(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in (("Hello", 3), ("Hi", 7))]
+    finished = llm._loop.submit_all(seqs)
+    assert finished.get(timeout=120) is None
+    assert [len(s.to_output().token_ids) for s in seqs] == [3, 7]
+    assert finished.empty()  # one item for the whole group: nothing per token, nothing per sequence
+
+
 def test_stats_report_steps_batch_sizes_and_cache_pages(llm):
     llm.generate(["Hello", "Hi there"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     stats = llm.stats()

@@ -20,6 +20,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
         "processed_folder": str((_data_dir / "broker" / "processed").resolve()),
+        # Exchange tables (fanout, pidbox); kombu's default is "control" under the working directory.
+        "control_folder": str((_data_dir / "broker" / "control").resolve()),
         "store_processed": False,
         "polling_interval": 0.05,
     }
