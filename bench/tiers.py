@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    commit = git_commit()  # the code this run imports (a long run outlives later edits of the tree)
     if args.long_context is not None and "torch" not in sys.modules:
         # OpenMP's idle threads spin by default: on a machine shared with other jobs (more runnable
         # threads than cores), every parallel region then waits out a preempted spinner, and the
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": describe(),
-        "git": git_commit(),
+        "git": commit,
         **results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
