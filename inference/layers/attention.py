@@ -116,11 +116,14 @@ def _decode_each(q, cache, block_tables, ctx: ForwardContext, scale: float, slid
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     # Four operations per sequence (this loop runs sequences x layers times a step, ~460 at 58 decodes):
     # K and V are strided views of the gathered pages, the same shape and strides the slices and
-    # transposes above give, so SDPA computes the same bits.
+    # transposes above give. The query heads that share a K/V head are that head's queries (a query
+    # "length" of Hq / Hkv): SDPA reads each K/V head once, not once per query head (3-5% of a decode
+    # step at 48 decodes of ~800 tokens; the same values within float rounding, and the same bits for a
+    # sequence alone as in any batch).
     _, _, kv_heads, head_dim = cache.shape[1:]
     token_stride = 2 * kv_heads * head_dim
     strides = (0, head_dim, token_stride, 1)  # [1, Hkv, L, D] over [pages * page_entries, 2, Hkv, D]
-    queries = q[:, None, :, None].unbind(0)  # [1, Hq, 1, D] each
+    queries = q.reshape(q.shape[0], 1, kv_heads, -1, head_dim).unbind(0)  # [1, Hkv, Hq / Hkv, D] each
     outs = []
     for i, ids in enumerate(pages):
         length = ctx.context_lens[i]
@@ -130,7 +133,7 @@ def _decode_each(q, cache, block_tables, ctx: ForwardContext, scale: float, slid
         k_all = kv.as_strided(size, strides, first * token_stride)
         v_all = kv.as_strided(size, strides, first * token_stride + kv_heads * head_dim)
         outs.append(_sdpa(queries[i], k_all, v_all, None, scale, causal=False))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, Hq, 1, D]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, Hkv, Hq / Hkv, D]
     return out.view(q.shape)
 
 
