@@ -80,6 +80,11 @@ class LLM:
         engine_config = _engine_config(engine_settings)
         self.dtype = resolve_dtype(dtype, self.device, config)
         self.tokenizer = load_tokenizer(self.model_path)
+        # The engine thread detokenizes every sequence at every step with a tokenizer of its own, so it
+        # never waits for a caller that is tokenizing a prompt (a fast tokenizer cannot be used by two
+        # threads at once): with one shared instance and a lock, a batch worker's feeder tokenizing the
+        # next chunk held the engine's step up, more so when the feeder was descheduled holding the lock.
+        self._engine_tokenizer = load_tokenizer(self.model_path)
         vocab = len(self.tokenizer)
         self._vocab_size = min(vocab, getattr(config, "vocab_size", None) or vocab)
         self._engine_generator = torch.Generator()
@@ -87,7 +92,7 @@ class LLM:
             self._engine_generator.seed()
         else:
             self._engine_generator.manual_seed(seed & (2**64 - 1))
-        self._lock = threading.Lock()  # the tokenizer's: the engine thread detokenizes, callers tokenize
+        self._lock = threading.Lock()  # the callers' tokenizer's: several threads may tokenize prompts
         self._request_counter = itertools.count()
         self._eos_token_ids = self._find_eos_token_ids(config, _generation_config(self.model_path))
         self._adapters: collections.OrderedDict[str, LoRAAdapter] = collections.OrderedDict()
@@ -105,7 +110,6 @@ class LLM:
             engine_config,
             self._eos_token_ids,
             self._engine_generator,
-            self._lock,
         )
         self._loop = EngineLoop(build_engine)
 
@@ -272,7 +276,7 @@ class LLM:
             prompt=text,
             prompt_token_ids=token_ids,
             params=params,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+            detokenizer=IncrementalDetokenizer(self._engine_tokenizer, params.stop),
         )
 
     def _stream(self, seq: Sequence) -> Iterator[StreamEvent]:
@@ -295,7 +299,7 @@ class LLM:
         return ids
 
 
-def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, generator, lock) -> LLMEngine:
+def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, generator) -> LLMEngine:
     native = registry.load_model(
         path,
         config,
@@ -304,7 +308,7 @@ def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, gen
         quantization=engine_config.quantization,
         expert_tiers=ExpertTierSettings.from_config(engine_config),
     )
-    return LLMEngine(native, engine_config, device, eos_token_ids, generator, lock)
+    return LLMEngine(native, engine_config, device, eos_token_ids, generator)
 
 
 def _events(outbox) -> Iterator[StreamEvent]:

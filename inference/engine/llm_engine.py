@@ -7,9 +7,7 @@ samples every sequence that is due a token and returns one StreamEvent per new t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +51,6 @@ class LLMEngine:
         device: torch.device,
         eos_token_ids: set[int],
         generator: torch.Generator,
-        tokenizer_lock: threading.Lock | None = None,
     ):
         self.config = config
         self.lora = LoRAManager(model, config.max_loras)
@@ -62,8 +59,6 @@ class LLMEngine:
         self.scheduler.step_page_limit = self.runner.step_page_limit
         self.eos_token_ids = eos_token_ids
         self._generator = generator
-        self._tokenizer_lock = tokenizer_lock or contextlib.nullcontext()
-        """Held while detokenizing: the front end tokenizes prompts with this tokenizer in other threads."""
         self._requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
 
@@ -119,11 +114,8 @@ class LLMEngine:
             entries = dict(zip(wants, found, strict=True))
 
         events = []
-        with self._tokenizer_lock:
-            for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-                events.append(
-                    (seq, seq.append_token(token, entries.get(i), self.eos_token_ids, self.max_model_len))
-                )
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):  # detokenizes (LLM's engine tokenizer)
+            events.append((seq, seq.append_token(token, entries.get(i), self.eos_token_ids, self.max_model_len)))
         for seq, _ in events:
             if seq.is_finished:
                 self.scheduler.remove(seq)
