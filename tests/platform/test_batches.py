@@ -5,8 +5,6 @@ The real worker and the official client are in tests/e2e/test_batches_e2e.py."""
 
 import io
 import json
-import os
-import threading
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -308,21 +306,3 @@ def test_one_checker_for_a_whole_file_judges_each_line_as_a_request_of_its_own_w
     assert f.payload["sampling"]["stop"] == ["x"] and "stop" not in b.payload["sampling"]
     g, h, *_ = parsed["/v1/completions"]
     assert g.param == "body.logprobs" and h.payload["prompt"] == "Once"
-
-
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priorities are a Linux feature")
-def test_a_feeder_thread_yields_to_the_engine_and_leaves_its_callers_priority_alone():
-    from citadel.batches.tasks import _lower_priority
-
-    seen = {}
-
-    def feeder():
-        _lower_priority(7)
-        seen["feeder"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    thread = threading.Thread(target=feeder)
-    thread.start()
-    thread.join()
-    assert seen["feeder"] == min(before + 7, 19)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

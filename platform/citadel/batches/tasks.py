@@ -14,7 +14,6 @@ which is what makes the task idempotent and a killed worker recoverable (see ser
 """
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -95,28 +94,9 @@ def _run_chunk(llm, batch: Batch, lines: list[BatchRequest]) -> dict:
     return results
 
 
-def _lower_priority(nice: int) -> None:
-    """Make the calling thread yield the CPU to the engine's threads (Linux: each thread has its own nice).
-
-    A feeder claims, renders, tokenizes and records while the engine steps. On two cores, every time it
-    runs it takes a core from one of the step's OpenMP threads, and the step's barrier waits for that
-    thread: the worker's engine steps ran ~20% slower than the offline engine's with the same schedule.
-    The feeders' work is small and has slack (the next chunks are already queued), so it can wait.
-    """
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError:  # not permitted here: run at the engine's priority
-        logger.debug("could not lower a batch feeder's priority", exc_info=True)
-
-
 def _feed(llm, batch: Batch, worker: str, stop: threading.Event, *, thread: bool = True) -> None:
     """Claim a chunk, run it, record it; until no pending line is left or the batch stops.
-    A feeder thread closes its own database connection when it ends (`thread`), and runs at a lower
-    priority than the engine (`_lower_priority`)."""
-    if thread:
-        _lower_priority(settings.CITADEL_BATCH_FEEDER_NICE)
+    A feeder thread closes its own database connection when it ends (`thread`)."""
     try:
         while not stop.is_set():
             claim = f"{worker}#{uuid.uuid4().hex[:12]}"

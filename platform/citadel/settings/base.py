@@ -32,9 +32,6 @@ Variables (all optional here; production.py makes the secrets mandatory):
                          (128 by default): a chunk stays open until its longest line ends, long after most
                          of its lines did, so a smaller window leaves the engine's batch half empty
                          (bench/batch.py: 206 engine steps for 1,024 lines at 64 x 3 against the offline 161)
-    CITADEL_BATCH_FEEDER_NICE  how much lower the feeders' scheduling priority is than the engine's (10;
-                         0 keeps it equal): their database and tokenizer work must not preempt the engine
-                         step's threads on a small machine (Linux only)
     PROMETHEUS_MULTIPROC_DIR  where gunicorn's processes share their metrics (default: <data dir>/prometheus)
     CITADEL_QUOTA_REDIS_URL  Redis for the per-minute quota windows (default: CELERY_BROKER_URL when it
                          is Redis; otherwise the database counts them)
@@ -261,7 +258,6 @@ CITADEL_BATCH_MAX_FILE_BYTES = env.int("CITADEL_BATCH_MAX_FILE_BYTES", default=2
 CITADEL_BATCH_MAX_LINES = env.int("CITADEL_BATCH_MAX_LINES", default=50_000)
 CITADEL_BATCH_CHUNK_LINES = env.int("CITADEL_BATCH_CHUNK_LINES", default=128)
 CITADEL_BATCH_FEEDERS = env.int("CITADEL_BATCH_FEEDERS", default=4)
-CITADEL_BATCH_FEEDER_NICE = env.int("CITADEL_BATCH_FEEDER_NICE", default=10)
 # Every process of this host (gunicorn's workers, a Celery worker) writes its metrics here, so they add up.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))
 
