@@ -130,8 +130,6 @@ def trace(args) -> None:
             redis.Redis.from_url(args.redis_url).flushdb()
 
 
-
-
 def _report(args, windows, before, after, entries) -> None:
     n = len(windows)
     latencies = sorted((end - sent) * 1000 for sent, end in windows)
