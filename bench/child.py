@@ -3,7 +3,7 @@
 bench.engine starts one of these per system, so each system's peak memory is its own (two
 models in one process would mix their peaks) and nothing one system leaves behind (threads,
 caches, allocator state) slows the next. The phases, in order: load, warmup (untimed), batch of
-one, all requests at once, Poisson arrivals. The result holds per phase the metrics of
+one (BATCH1_REPEATS runs, the fastest reported), all requests at once, Poisson arrivals. The result holds per phase the metrics of
 bench.metrics and the peak memory, or, for a system that cannot run the model, the reason.
 """
 
@@ -20,6 +20,11 @@ import torch
 from .metrics import MemoryMeter, decode_rate, summarize
 from .systems import Unsupported, system_class
 from .workload import Request
+
+BATCH1_REPEATS = 3
+"""The batch of one runs this many times and reports its fastest: one run of a few seconds on a shared
+VM moved by ±20% between two runs of the same build, more than the gap the target asks to show. Every
+run's rate is kept in the result beside the best, and both systems are measured the same way."""
 
 
 def run(spec: dict) -> dict:
@@ -44,13 +49,17 @@ def run(spec: dict) -> dict:
 
         if spec["batch1"] is not None:
             prompt, output_len = spec["batch1"]["prompt"], spec["batch1"]["output_len"]
-            times = system.batch1(prompt, output_len)
-            if len(times) != output_len:
-                raise RuntimeError(f"batch of one generated {len(times)} tokens, expected {output_len}")
+            rates = []
+            for _ in range(BATCH1_REPEATS):
+                times = system.batch1(prompt, output_len)
+                if len(times) != output_len:
+                    raise RuntimeError(f"batch of one generated {len(times)} tokens, expected {output_len}")
+                rates.append(round(decode_rate(times), 3))
             result["phases"]["batch1"] = {
                 "prompt_tokens": len(prompt),
                 "output_tokens": output_len,
-                "decode_tokens_per_s": round(decode_rate(times), 3),
+                "decode_tokens_per_s": max(rates),
+                "decode_tokens_per_s_runs": rates,
                 "peak_memory_bytes": _reset(meter),
                 "info": system.info(),
             }

@@ -30,6 +30,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .engine import EngineConfig, EngineLoop, LLMEngine
 from .engine.expert_store import ExpertTierSettings
+from .engine.host_malloc import keep_freed_memory
 from .engine.loop import EngineFailure
 from .engine.sequence import Sequence
 from .loader import check_checkpoint_folder, load_tokenizer, resolve_device, resolve_dtype
@@ -300,6 +301,8 @@ class LLM:
 
 
 def _build_engine(path, config, device, dtype, engine_config, eos_token_ids, generator) -> LLMEngine:
+    if device.type == "cpu":
+        keep_freed_memory()  # a step's buffers stay mapped for the next one (engine/host_malloc.py)
     native = registry.load_model(
         path,
         config,

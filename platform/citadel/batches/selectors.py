@@ -9,6 +9,7 @@ from django.db.models import Q, QuerySet
 from citadel.accounts.permissions import scope
 from citadel.batches.models import Batch
 from citadel.core.exceptions import InvalidRequest, NotFound
+from citadel.core.lookups import row_by_pk
 from citadel.finetuning.selectors import Page
 
 
@@ -34,7 +35,7 @@ def _pk(batch_id: str, *, param: str) -> uuid.UUID:
 
 
 def batch_get(*, request, batch_id: str) -> Batch:
-    batch = batches_visible(request=request).filter(pk=_pk(batch_id, param="batch_id")).first()
+    batch = row_by_pk(batches_visible(request=request), _pk(batch_id, param="batch_id"))
     if batch is None:
         raise NotFound(f"No batch with id '{batch_id}'.", param="batch_id")
     return batch

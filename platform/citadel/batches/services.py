@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
+from psycopg.types.json import Jsonb
 
 from citadel.audit.services import Actor, audit_record
 from citadel.batches.lines import BodyChecker, LineError, ValidLine, line_parse, metadata_check
@@ -163,10 +164,7 @@ def _batch_store(*, file, endpoint, metadata, valid, errors, model, adapter, dep
                  details={"input_file": file.openai_id, "endpoint": endpoint, "model": model.name if model else None,
                           "lines": batch.total, "invalid_lines": len(errors), "team": subject.team_name,
                           "data_class": data_class.name, "pool": deployment.pool.name if deployment else None})
-    rows = [BatchRequest(batch=batch, line=v.line, custom_id=v.custom_id, payload=v.payload) for v in valid]
-    rows += [BatchRequest(batch=batch, line=e.line, custom_id=e.custom_id, status=BatchRequest.Status.FAILED,
-                          error=e.as_dict(), finished_at=now) for e in errors]
-    BatchRequest.objects.bulk_create(rows, batch_size=2000)
+    _lines_insert(batch, valid, errors, now)
     if not valid:
         listed = [e.as_dict() for e in errors[:MAX_ERRORS_LISTED]]
         _transition(batch, Batch.Status.FAILED, actor=actor, request=request,
@@ -175,6 +173,29 @@ def _batch_store(*, file, endpoint, metadata, valid, errors, model, adapter, dep
     _transition(batch, Batch.Status.IN_PROGRESS, actor=actor, request=request)
     transaction.on_commit(lambda: batch_publish(batch_id=batch.pk))
     return batch
+
+
+def _lines_insert(batch: Batch, valid: list, errors: list, now) -> None:
+    """Store the file's lines with one COPY. bulk_create built a model instance and prepared every field
+    of every line in Python: ~80 ms for 1,024 lines, spent between the create call and the engine's first
+    step (COPY: ~15 ms). The embedded SQLite mode (`make run`) has no COPY and keeps bulk_create."""
+    pending, failed = BatchRequest.Status.PENDING, BatchRequest.Status.FAILED
+    if connection.vendor != "postgresql":
+        rows = [BatchRequest(batch=batch, line=v.line, custom_id=v.custom_id, payload=v.payload) for v in valid]
+        rows += [BatchRequest(batch=batch, line=e.line, custom_id=e.custom_id, status=failed, error=e.as_dict(),
+                              finished_at=now) for e in errors]
+        BatchRequest.objects.bulk_create(rows, batch_size=500)
+        return
+    columns = ("id", "batch_id", "line", "custom_id", "status", "payload", "worker_name", "text", "finish_reason",
+               "prompt_tokens", "completion_tokens", "error", "finished_at")
+    table = connection.ops.quote_name(BatchRequest._meta.db_table)
+    with connection.cursor() as cursor, cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for line in valid:
+            copy.write_row((uuid.uuid4(), batch.pk, line.line, line.custom_id, pending, Jsonb(line.payload), "", "", "",
+                            0, 0, None, None))
+        for line in errors:
+            copy.write_row((uuid.uuid4(), batch.pk, line.line, line.custom_id, failed, None, "", "", "", 0, 0,
+                            Jsonb(line.as_dict()), now))
 
 
 STAMPS = {Batch.Status.IN_PROGRESS: "in_progress_at", Batch.Status.FINALIZING: "finalizing_at",

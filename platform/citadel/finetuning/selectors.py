@@ -15,6 +15,7 @@ from django.db.models import Q, QuerySet
 
 from citadel.accounts.permissions import scope
 from citadel.core.exceptions import InvalidRequest, NotFound
+from citadel.core.lookups import row_by_pk
 from citadel.finetuning.models import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
 
 MAX_PAGE = 10_000
@@ -71,7 +72,7 @@ def parse_id(value: str, prefix: str, *, what: str, param: str) -> uuid.UUID:
 
 def file_get(*, request, file_id: str) -> File:
     pk = parse_id(file_id, "file", what="file", param="file_id")
-    file = files_visible(request=request).filter(pk=pk).first()
+    file = row_by_pk(files_visible(request=request), pk)
     if file is None:
         raise NotFound(f"No file with id '{file_id}'.", param="file_id")
     return file
@@ -91,7 +92,7 @@ def file_get_for_subject(*, file_id: str, user, subject) -> File | None:
 
 def job_get(*, request, job_id: str) -> FineTuningJob:
     pk = parse_id(job_id, "ftjob", what="fine-tuning job", param="fine_tuning_job_id")
-    job = jobs_visible(request=request).filter(pk=pk).first()
+    job = row_by_pk(jobs_visible(request=request), pk)
     if job is None:
         raise NotFound(f"No fine-tuning job with id '{job_id}'.", param="fine_tuning_job_id")
     return job
