@@ -111,7 +111,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_alt: torch.Tensor) -> torch.T
     """x [..., d] rotated in interleaved pairs by cos, sin_alt [..., d] (RopeTable.tables)."""
     swapped = x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
     if x.dtype == torch.float32:
-        return x * cos + swapped * sin_alt
+        return torch.addcmul(x * cos, swapped, sin_alt)  # x * cos + swapped * sin_alt, one dispatch fewer
     # transformers rotates in float32 with cos/sin rounded to the model's dtype
     return (x.float() * cos + swapped.float() * sin_alt).to(x.dtype)
 
@@ -190,6 +190,8 @@ class MoE(nn.Module):
         if self.tier is not None:  # experts in tiers (engine/expert_store.py): same order, same operations
             return moe_dispatch_tiered(x, weights, ids, self.tier, input_ids) + self.shared_experts(x)
         k = ids.shape[1]
+        if len(x) == 1:  # a batch of one decoding: no grouping to do
+            return _routed_one_token(self.experts, x, weights, ids) + self.shared_experts(x)
         flat = ids.flatten()  # [T*k]
         order = flat.argsort(stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
@@ -204,6 +206,17 @@ class MoE(nn.Module):
         ys = ys * weights.flatten()[order, None]
         routed = torch.zeros_like(x).index_add_(0, token, ys)
         return routed + self.shared_experts(x)
+
+
+def _routed_one_token(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """MoE.forward's routed sum for one token [1, D], without its grouping (argsort, bincount, gathers,
+    index_add_: a dozen dispatches per layer, ~5% of a batch-of-one decode step). The same arithmetic in
+    the same order: each expert's output times its weight, summed in expert order from zero."""
+    routed = None
+    for e, j in sorted(zip(ids[0].tolist(), range(ids.shape[1]), strict=True)):
+        y = experts[e](x) * weights[0, j]
+        routed = y if routed is None else routed + y
+    return routed
 
 
 def expert_sources(
