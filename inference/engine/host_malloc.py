@@ -9,8 +9,9 @@ highest) and a 512 MB trim threshold, freed buffers stay in the heap: ~0 faults,
 The process keeps up to that much freed memory mapped, which an engine that will fill it again on
 the next step uses anyway. PyTorch's CUDA caching allocator makes the same trade on the device.
 
-glibc reads no setting again after start, so this calls mallopt() once when the first CPU engine is
-built; elsewhere (musl, macOS) it does nothing. CITADEL_ENGINE_KEEP_FREED_MEMORY=0 turns it off.
+glibc reads its MALLOC_* environment only at start, which an engine inside a running worker cannot set, so
+this calls mallopt() once, when the first CPU engine is built; elsewhere (musl, macOS) it does nothing.
+CITADEL_ENGINE_KEEP_FREED_MEMORY=0 turns it off.
 """
 
 import ctypes
