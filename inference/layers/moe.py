@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .linear import linear
+
 
 def topk_softmax_router(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     """router_logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k]).
@@ -76,8 +78,8 @@ def _moe_one_token(x, w_gate_up, w_down, weights, ids, act) -> torch.Tensor:
     out = None
     for j in sorted(range(len(chosen)), key=chosen.__getitem__):
         expert = chosen[j]
-        gate, up = F.linear(x, w_gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(act(gate) * up, w_down[expert]) * scales[j]
+        gate, up = linear(x, w_gate_up[expert]).chunk(2, dim=-1)
+        y = linear(act(gate) * up, w_down[expert]) * scales[j]
         out = y if out is None else out.add_(y)
     return out
 

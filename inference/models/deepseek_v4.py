@@ -29,6 +29,7 @@ from torch import nn
 from ..engine.cache import CacheSpec
 from ..engine.context import ForwardContext
 from ..engine.weights import CheckpointError, CheckpointWeights
+from ..layers.linear import Linear
 from ..quant.fp8 import FP8_DTYPE
 from .deepseek_v4_attention import Attention
 from .deepseek_v4_batch import V4Batch
@@ -162,7 +163,7 @@ class CitadelDeepseekV4(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(hc, hc * D, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
-        self.head = nn.Linear(D, config.vocab_size, bias=False)
+        self.head = Linear(D, config.vocab_size, bias=False)
         self.rotary: Rotary | None = None  # built on the real device by load_weights
         self.expert_store = None  # an ExpertStore when the routed experts are tiered (engine/expert_store.py)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import kv_quant
+from ..layers.linear import Linear
 from .deepseek_v4_batch import GroupMeta, V4Batch
 from .deepseek_v4_cache import GROUPS, WINDOW
 from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweighted_rms_norm
@@ -126,8 +127,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.dim, self.rate, self.overlap = dim, rate, overlap
         width = 2 * dim if overlap else dim
-        self.wkv = nn.Linear(config.hidden_size, width, bias=False)
-        self.wgate = nn.Linear(config.hidden_size, width, bias=False)
+        self.wkv = Linear(config.hidden_size, width, bias=False)
+        self.wgate = Linear(config.hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
         self.norm = RMSNorm(dim, config.rms_norm_eps)
 
@@ -209,8 +210,8 @@ class Indexer(nn.Module):
     def __init__(self, config, rate: int):
         super().__init__()
         self.n_heads, self.dim, self.top_k = config.index_n_heads, config.index_head_dim, config.index_topk
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.dim, bias=False)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.dim, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(config, self.dim, rate, overlap=True)
 
     def queries(
@@ -256,14 +257,14 @@ class Attention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
         D, H, hd = config.hidden_size, self.n_heads, self.head_dim
-        self.wq_a = nn.Linear(D, config.q_lora_rank, bias=False)
+        self.wq_a = Linear(D, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.wq_b = nn.Linear(config.q_lora_rank, H * hd, bias=False)
-        self.wkv = nn.Linear(D, hd, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, H * hd, bias=False)
+        self.wkv = Linear(D, hd, bias=False)
         self.norm = RMSNorm(hd, config.rms_norm_eps)
         # Grouped low-rank output: each of `groups` head groups -> o_rank, then all -> D.
-        self.wo_a = nn.Linear(H * hd // self.groups, self.groups * self.o_rank, bias=False)
-        self.wo_b = nn.Linear(self.groups * self.o_rank, D, bias=False)
+        self.wo_a = Linear(H * hd // self.groups, self.groups * self.o_rank, bias=False)
+        self.wo_b = Linear(self.groups * self.o_rank, D, bias=False)
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.compressor = self.indexer = None
         self.group = GROUPS.get(self.kind)  # its paged cache group, None for sliding-window layers

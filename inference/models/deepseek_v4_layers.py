@@ -19,6 +19,7 @@ from torch import nn
 
 from ..engine.expert_store import ExpertSource
 from ..engine.weights import CheckpointError
+from ..layers.linear import Linear
 from ..layers.moe import moe_dispatch_tiered
 from ..quant.fp8 import FP8_DTYPE, Fp8Linear, quantize_blockwise
 
@@ -127,9 +128,9 @@ class Expert(nn.Module):
     def __init__(self, dim: int, inter: int, limit: float):
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter, bias=False)
-        self.w2 = nn.Linear(inter, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.w1 = Linear(dim, inter, bias=False)
+        self.w2 = Linear(inter, dim, bias=False)
+        self.w3 = Linear(dim, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.w1(x).clamp(max=self.limit)

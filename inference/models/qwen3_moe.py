@@ -19,6 +19,7 @@ from ..engine.context import ForwardContext
 from ..engine.expert_store import ExpertSource
 from ..engine.weights import CheckpointWeights, assign_parameter
 from ..layers import RMSNorm, RotaryEmbedding, act_fn, moe_dispatch, paged_attention, topk_softmax_router
+from ..layers.linear import Linear, linear
 from ..layers.moe import moe_dispatch_tiered
 
 KV = "kv"
@@ -31,10 +32,10 @@ class Qwen3MoeAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
         bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.scale = self.head_dim**-0.5
@@ -77,13 +78,13 @@ class Qwen3MoeAttention(nn.Module):
         """x [T, H] -> q [T, Hq * D], k and v [T, Hkv * D]."""
         if self.qkv is not None:
             if (
-                type(self.q_proj) is nn.Linear
-                and type(self.k_proj) is nn.Linear
-                and type(self.v_proj) is nn.Linear
+                isinstance(self.q_proj, nn.Linear)
+                and isinstance(self.k_proj, nn.Linear)
+                and isinstance(self.v_proj, nn.Linear)
             ):
                 q_size = self.q_proj.out_features
                 kv_size = self.k_proj.out_features
-                return F.linear(x, *self.qkv).split((q_size, kv_size, kv_size), dim=-1)
+                return linear(x, *self.qkv).split((q_size, kv_size, kv_size), dim=-1)
             self.qkv = None  # wrapped (LoRA) or replaced (FP8): the projections own their weights now
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
@@ -114,9 +115,9 @@ class Qwen3MoeMLP(nn.Module):
 
     def __init__(self, config, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, config.hidden_size, bias=False)
         self.act = act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,14 +144,14 @@ class Qwen3MoeExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """What moe_dispatch's per-expert loop computes, with this expert's weights."""
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.down)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(self.act(gate) * up, self.down)
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = Qwen3MoeExperts(config)
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.act = act_fn(config.hidden_act)
@@ -212,7 +213,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         attention = self.model.layers[0].self_attn
         self.rotary = RotaryEmbedding(config, attention.head_dim)
         self.num_kv_heads, self.head_dim = attention.num_kv_heads, attention.head_dim

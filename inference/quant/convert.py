@@ -41,7 +41,7 @@ def quantize_checkpoint(source: Path, out: Path) -> dict:
     linears = {
         name
         for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear
+        if isinstance(module, torch.nn.Linear)
         and module.bias is None
         and not (excluded and re.search(excluded, name))
     }

@@ -103,7 +103,7 @@ def quantize_linears(model: nn.Module, excluded: str | None = None) -> list[str]
     names = [
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and module.bias is None and not (excluded and re.search(excluded, name))
+        if isinstance(module, nn.Linear) and module.bias is None and not (excluded and re.search(excluded, name))
     ]
     for name in names:
         parent_name, _, child = name.rpartition(".")
