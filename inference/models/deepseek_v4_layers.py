@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -313,6 +314,8 @@ class HyperConnection(nn.Module):
 
     def forward(self, h: torch.Tensor, fn, base, scale):
         """h [T, hc, D] -> post [T, hc], comb [T, hc, hc] (float32), collapsed [T, D]."""
+        if on_numpy(h):
+            return self._forward_numpy(h, fn, base, scale)
         hc, eps = self.hc, self.eps
         # fn, base and scale are float32 (keeps_float32). One affine over all three parts: each
         # element is scaled by its part's scale and offset by its base, as transformers does.
@@ -324,6 +327,65 @@ class HyperConnection(nn.Module):
         comb = sinkhorn_(torch.softmax(mix[:, 2 * hc :].view(-1, hc, hc), dim=-1) + eps, self.iters, eps)
         collapsed = (pre.unsqueeze(-1) * h).sum(dim=1)
         return post, comb, collapsed if h.dtype == torch.float32 else collapsed.to(h.dtype)
+
+
+    def _forward_numpy(self, h: torch.Tensor, fn, base, scale):
+        """forward for float32 on a CPU without autograd: the same arithmetic on NumPy views of the tensors.
+
+        A hyper-connection is some twenty operations on [T, hc] and [T, hc, hc] arrays, run twice per
+        layer: at a batch-of-one decode step each PyTorch dispatch (3-5 us) costs more than the
+        arithmetic, a NumPy call on such small arrays about a microsecond. The one matmul stays in
+        PyTorch (MKL, its threads). Float32 throughout, as transformers computes it; results agree to
+        rounding (tests/inference/test_deepseek_v4_model.py compares with transformers).
+        """
+        hc, eps = self.hc, self.eps
+        hn = h.numpy()  # [T, hc, D]
+        flat = hn.reshape(hn.shape[0], -1)
+        normed = flat / np.sqrt(np.mean(np.square(flat), axis=-1, keepdims=True) + np.float32(self.norm_eps))
+        mix = F.linear(torch.from_numpy(normed), fn).numpy()  # [T, (2 + hc) * hc]
+        mix = base.numpy() + mix * self._expanded(scale).numpy()
+        gates = 1 / (1 + np.exp(-mix[:, : 2 * hc]))  # sigmoid
+        pre, post = gates[:, :hc] + np.float32(eps), 2 * gates[:, hc:]
+        logits = mix[:, 2 * hc :].reshape(-1, hc, hc)
+        comb = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        comb /= comb.sum(axis=-1, keepdims=True)  # softmax over the last axis
+        comb += np.float32(eps)
+        comb = _sinkhorn_numpy(comb, self.iters, eps)
+        collapsed = (pre[:, :, None] * hn).sum(axis=1)
+        return torch.from_numpy(post), torch.from_numpy(comb), torch.from_numpy(collapsed)
+
+
+def on_numpy(x: torch.Tensor) -> bool:
+    """Whether the hyper-connection arithmetic on `x` runs on NumPy views (HyperConnection._forward_numpy)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def _sinkhorn_numpy(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """sinkhorn_ on a float32 array [T, hc, hc]; one matrix (a batch-of-one decode) in Python floats.
+
+    The loop is 2 * iters - 1 normalisations of three NumPy calls each: for a single 4x4 matrix,
+    plain Python arithmetic on its sixteen numbers takes half as long (in float64, rounded to
+    float32 once at the end: closer to exact than float32 steps, and within rounding of them).
+    """
+    if comb.shape[0] != 1:
+        for axis in [-2] + [-1, -2] * (iters - 1):
+            total = comb.sum(axis=axis, keepdims=True)
+            total += np.float32(eps)
+            comb /= total
+        return comb
+    rows = comb[0].tolist()
+    columns = range(len(rows))
+    for step in range(2 * iters - 1):
+        if step % 2 == 0:  # columns
+            for k in columns:
+                total = sum(row[k] for row in rows) + eps
+                for row in rows:
+                    row[k] /= total
+        else:  # rows
+            for row in rows:
+                total = sum(row) + eps
+                row[:] = [value / total for value in row]
+    return np.array([rows], dtype=np.float32)
 
 
 def sinkhorn_(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -338,3 +338,20 @@ def test_loading_a_truncated_shard_names_the_shard(tiny_checkpoint, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors is corrupt or truncated"):
         v4(folder)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])  # a batch-of-one decode (its Sinkhorn in Python floats); several rows
+def test_hyper_connection_on_numpy_views_agrees_with_its_pytorch_arithmetic(tiny, tokens):
+    model, _ = tiny
+    """Without autograd on a CPU the hyper-connections run on NumPy (fewer dispatches); with it, in PyTorch."""
+    block = model.layers[1]
+    generator = torch.Generator().manual_seed(tokens)
+    h = torch.randn(tokens, model.config.hc_mult, model.config.hidden_size, generator=generator)
+    weights = (block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale)
+    with torch.no_grad():
+        fast = block.hc(h, *weights)
+    with torch.enable_grad():
+        reference = block.hc(h, *weights)
+    for got, want in zip(fast, reference, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
