@@ -328,7 +328,6 @@ class HyperConnection(nn.Module):
         collapsed = (pre.unsqueeze(-1) * h).sum(dim=1)
         return post, comb, collapsed if h.dtype == torch.float32 else collapsed.to(h.dtype)
 
-
     def _forward_numpy(self, h: torch.Tensor, fn, base, scale):
         """forward for float32 on a CPU without autograd: the same arithmetic on NumPy views of the tensors.
 
@@ -368,11 +367,7 @@ def _sinkhorn_numpy(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
     float32 once at the end: closer to exact than float32 steps, and within rounding of them).
     """
     if comb.shape[0] != 1:
-        for axis in [-2] + [-1, -2] * (iters - 1):
-            total = comb.sum(axis=axis, keepdims=True)
-            total += np.float32(eps)
-            comb /= total
-        return comb
+        return _sinkhorn_numpy_(comb, iters, eps)
     rows = comb[0].tolist()
     columns = range(len(rows))
     for step in range(2 * iters - 1):
@@ -397,14 +392,19 @@ def sinkhorn_(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     fraction of a PyTorch dispatch, and the arithmetic (float32 sums and divisions) is the same.
     """
     if comb.device.type == "cpu" and not comb.requires_grad:
-        c = comb.numpy()
-        for axis in [-2] + [-1, -2] * (iters - 1):
-            total = c.sum(axis=axis, keepdims=True)
-            total += eps
-            c /= total
+        _sinkhorn_numpy_(comb.numpy(), iters, eps)
         return comb
     comb.div_(comb.sum(dim=-2, keepdim=True).add_(eps))
     for _ in range(iters - 1):
         comb.div_(comb.sum(dim=-1, keepdim=True).add_(eps))
         comb.div_(comb.sum(dim=-2, keepdim=True).add_(eps))
     return comb
+
+
+def _sinkhorn_numpy_(c: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """sinkhorn_'s loop on a float32 array [T, hc, hc], in place."""
+    for axis in [-2] + [-1, -2] * (iters - 1):
+        total = c.sum(axis=axis, keepdims=True)
+        total += np.float32(eps)
+        c /= total
+    return c
