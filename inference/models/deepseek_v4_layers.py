@@ -349,7 +349,7 @@ class HyperConnection(nn.Module):
         comb = np.exp(logits - logits.max(axis=-1, keepdims=True))
         comb /= comb.sum(axis=-1, keepdims=True)  # softmax over the last axis
         comb += np.float32(eps)
-        comb = _sinkhorn_numpy(comb, self.iters, eps)
+        comb = _sinkhorn_python(comb, self.iters, eps) if len(comb) == 1 else _sinkhorn_numpy_(comb, self.iters, eps)
         collapsed = (pre[:, :, None] * hn).sum(axis=1)
         return torch.from_numpy(post), torch.from_numpy(comb), torch.from_numpy(collapsed)
 
@@ -359,15 +359,13 @@ def on_numpy(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
-def _sinkhorn_numpy(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """sinkhorn_ on a float32 array [T, hc, hc]; one matrix (a batch-of-one decode) in Python floats.
+def _sinkhorn_python(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """sinkhorn_ on one matrix (a batch-of-one decode), float32 [1, hc, hc], in Python floats.
 
     The loop is 2 * iters - 1 normalisations of three NumPy calls each: for a single 4x4 matrix,
     plain Python arithmetic on its sixteen numbers takes half as long (in float64, rounded to
     float32 once at the end: closer to exact than float32 steps, and within rounding of them).
     """
-    if comb.shape[0] != 1:
-        return _sinkhorn_numpy_(comb, iters, eps)
     rows = comb[0].tolist()
     columns = range(len(rows))
     for step in range(2 * iters - 1):
