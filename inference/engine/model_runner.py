@@ -230,7 +230,10 @@ class ModelRunner:
         rows = sample_rows + [
             r for _, targets, first in prompt_rows for r in range(first, first + len(targets))
         ]
-        selected = hidden[torch.tensor(rows, dtype=torch.long, device=device)]
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):  # e.g. decodes only: a view, no gather
+            selected = hidden[rows[0] : rows[0] + len(rows)]
+        else:
+            selected = hidden[torch.tensor(rows, dtype=torch.long, device=device)]
         row_adapters = [seq.lora for seq in sample_seqs] + [
             seq.lora for seq, targets, _ in prompt_rows for _ in targets
         ]
@@ -252,9 +255,7 @@ class ModelRunner:
         self, seqs: list[Sequence], counts: list[int], pos: torch.Tensor
     ) -> dict[str, GroupTables]:
         tables: dict[str, GroupTables] = {}
-        seq_of_token = torch.repeat_interleave(
-            torch.arange(len(seqs), device=self.device), torch.tensor(counts, device=self.device)
-        )  # [T]
+        seq_of_token = None  # [T], for groups with an entry per token
         for index, group in enumerate(self.spec.paged_groups):
             rows = [seq.block_tables[index] for seq in seqs]
             width = max(len(r) for r in rows)
@@ -265,6 +266,10 @@ class ModelRunner:
             entries = self.spec.page_entries(group, self.block_size)
             table = GroupTables(block_tables, entries)
             if group.tokens_per_entry == 1:
+                if seq_of_token is None:
+                    seq_of_token = torch.repeat_interleave(
+                        torch.arange(len(seqs), device=self.device), torch.tensor(counts, device=self.device)
+                    )
                 table.slot_pages = block_tables[seq_of_token, pos // entries]  # [T]
                 table.slot_offsets = pos % entries  # [T]
             tables[group.name] = table

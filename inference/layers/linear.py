@@ -29,6 +29,8 @@ MIN_ROWS_PER_PART = 64
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), with a [1, in] float32 x on a CPU computed over row blocks in parallel."""
+    if weight.numel() < SPLIT_MIN_ELEMENTS:  # first, alone: most of a small model's calls stop here
+        return F.linear(x, weight, bias)
     parts = _parts(x, weight)
     if parts < 2:
         return F.linear(x, weight, bias)

@@ -23,6 +23,7 @@ transformers' generate() whatever the chunking, batching or recomputation after 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,9 +39,9 @@ from .deepseek_v4_layers import (
     HyperConnection,
     MoE,
     RMSNorm,
-    RopeTable,
     Rotary,
     expert_sources,
+    on_numpy,
     unweighted_rms_norm,
 )
 
@@ -107,6 +108,9 @@ class Block(nn.Module):
 
 def _merge(h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Streams h [T, hc, D] after a sublayer's output x [T, D]: post_k * x + sum_j comb[j, k] * h_j."""
+    if on_numpy(h):  # as the hyper-connections compute theirs: NumPy calls cost less than dispatches
+        hn, out = h.numpy(), post.numpy()[:, :, None] * x.numpy()[:, None, :]
+        return torch.from_numpy(np.add(out, np.matmul(comb.numpy().transpose(0, 2, 1), hn), out=out))
     if h.dtype != torch.float32:
         post, comb = post.to(h.dtype), comb.to(h.dtype)
     # comb mixes the input streams transposed: out_k = sum_j comb[j, k] * h_j.
@@ -192,9 +196,7 @@ class CitadelDeepseekV4(nn.Module):
         x = self.embed(input_ids)  # [T, D]
         if self.expert_store is not None:
             self.expert_store.begin_step(x, input_ids)
-        batch.rope = {
-            kind: RopeTable(*self.rotary.cos_sin(positions, kind, x.dtype)) for kind in ("main", "compress")
-        }
+        batch.rope = {kind: self.rotary.table(positions, kind, x.dtype, batch.end) for kind in ("main", "compress")}
         h = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()  # [T, hc, D]
         for layer in self.layers:
             h = layer(h, input_ids, batch, self.rotary)

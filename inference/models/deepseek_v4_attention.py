@@ -29,7 +29,7 @@ from ..engine import kv_quant
 from ..layers.linear import Linear
 from .deepseek_v4_batch import GroupMeta, V4Batch
 from .deepseek_v4_cache import GROUPS, WINDOW
-from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, apply_rope, unweighted_rms_norm
+from .deepseek_v4_layers import RMSNorm, RopeTable, Rotary, unweighted_rms_norm
 
 # Elements of attention or index scores (queries x heads x keys) one prefill block may hold at once.
 SCORE_BUDGET = 1 << 24
@@ -136,10 +136,9 @@ class Compressor(nn.Module):
         """x [T, D] -> kv|gate [T, 2*width] (what the tail ring stores)."""
         return torch.cat([self.wkv(x), self.wgate(x)], dim=-1)
 
-    def emit(
-        self, src: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, rotary: Rotary
-    ) -> torch.Tensor:
-        """src [E, n_src, 2*width] kv|gate of each entry's source tokens -> entries [E, dim]."""
+    def emit(self, src: torch.Tensor, valid: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+        """src [E, n_src, 2*width] kv|gate of each entry's source tokens -> entries [E, dim], rotated by
+        `rope` (at the entries' positions)."""
         d, m = self.dim, self.rate
         if self.overlap:
             kv = torch.cat([src[:, :m, :d], src[:, m:, d : 2 * d]], dim=1)  # [E, 2m, d]
@@ -151,9 +150,7 @@ class Compressor(nn.Module):
         else:
             kv, gate = src[..., :d], src[..., d:] + self.ape  # [E, m, d]
         weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
-        entries = self.norm((kv * weights).sum(dim=1))  # [E, d]
-        cos, sin = rotary.cos_sin(positions, "compress", entries.dtype)
-        return apply_rope(entries, cos, sin)
+        return rope.rotate(self.norm((kv * weights).sum(dim=1)))  # [E, d]
 
 
 def select_top_k(scores: torch.Tensor, visible: torch.Tensor, hf_len: torch.Tensor, k: int, ties=None):
@@ -331,13 +328,13 @@ class Attention(nn.Module):
             src = torch.cat([tail_read.flatten(0, 1), fresh])[emit.src_index]  # [E, n_src, C]
             main = 4 * self.head_dim if self.indexer is not None else 2 * self.head_dim
             kv_columns, index_columns = self._columns(pages, index=False), self._columns(pages, index=True)
+            rope = rotary.table(emit.positions, "compress", x.dtype, batch.end)
             pages[emit.page, emit.offset, kv_columns] = kv_quant.store(  # fp8 KV: quantized
-                self.compressor.emit(src[..., :main], emit.src_valid, emit.positions, rotary), pages.dtype
+                self.compressor.emit(src[..., :main], emit.src_valid, rope), pages.dtype
             )
             if self.indexer is not None:
                 pages[emit.page, emit.offset, index_columns] = kv_quant.store(
-                    self.indexer.compressor.emit(src[..., main:], emit.src_valid, emit.positions, rotary),
-                    pages.dtype,
+                    self.indexer.compressor.emit(src[..., main:], emit.src_valid, rope), pages.dtype
                 )
         tail[ring.write_seq_slot, ring.write_ring] = fresh[ring.write_token]
         entries = pages[..., : self.head_dim]

@@ -11,6 +11,7 @@ tensors: no host work per layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -100,6 +101,11 @@ class V4Batch:
     def num_tokens(self) -> int:
         return self.offsets[-1]
 
+    @cached_property
+    def end(self) -> int:
+        """One past the highest position of the step."""
+        return max(start + n for start, n in zip(self.starts, self.lens, strict=True))
+
     @property
     def all_decodes(self) -> bool:
         """Every sequence feeds one token: batch rows and tokens coincide (no gathers needed)."""
@@ -126,40 +132,21 @@ class V4Batch:
         lens, offsets = list(ctx.query_lens), list(ctx.query_starts)
         starts = [c - n for c, n in zip(ctx.context_lens, lens, strict=True)]
         assert lens and all(n >= 1 for n in lens), "every sequence feeds at least one token"
-        starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)  # [T]
-        host_positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - torch.tensor(offsets[:-1])[seq_of_token]
         decodes = [i for i, n in enumerate(lens) if n == 1]
         every_token = torch.arange(offsets[-1], device=dev) if len(decodes) == len(lens) else None
 
         def ring(size: int) -> RingMeta:
-            back = torch.arange(size - 1) - (size - 1)  # [R-1]
-            read_pos = starts_t[:, None] + back  # [B, R-1]
-            if every_token is not None and size >= 2:  # decodes only: each writes its one token
-                return RingMeta(
-                    read_slot=(read_pos % size).to(dev),
-                    read_valid=(read_pos >= 0).to(dev),
-                    write_seq_slot=ctx.slots,
-                    write_ring=(starts_t % size).to(dev),
-                    write_token=every_token,
-                )
-            ends = (starts_t + lens_t)[seq_of_token]  # [T]
-            written = torch.nonzero(host_positions >= ends - (size - 1)).flatten()  # [Nw]
-            return RingMeta(
-                read_slot=(read_pos % size).to(dev),
-                read_valid=(read_pos >= 0).to(dev),
-                write_seq_slot=ctx.slots[seq_of_token[written].to(dev)],
-                write_ring=(host_positions[written] % size).to(dev),
-                write_token=written.to(dev),
-            )
+            if every_token is not None and size >= 2:  # decodes only (most steps): each writes its one token
+                read_slot, read_valid, write_ring = _decode_ring(size, starts, dev)
+                return RingMeta(read_slot, read_valid, ctx.slots, write_ring, every_token)
+            return _written_ring(size, starts, lens, offsets, ctx.slots)
 
-        rings = {WINDOW: ring(layout.window)}
+        rings = {WINDOW: ring(layout.window)} | {name: ring(layout.tail_size(name)) for name in layout.paged}
         groups = {}
         for name in layout.paged:
             tables = ctx.groups[name]
-            rings[name] = ring(layout.tail_size(name))
             groups[name] = _group_meta(
-                starts_t, lens_t, offsets, layout.rate(name), tables.block_tables, tables.page_entries,
+                starts, lens, offsets, layout.rate(name), tables.block_tables, tables.page_entries,
                 layout.tail_size(name), overlap=name == "csa",
             )
         return cls(
@@ -182,13 +169,49 @@ class V4Batch:
         )
 
 
-def _group_meta(starts_t, lens_t, offsets, rate, tables, per_page, ring_size, overlap) -> GroupMeta:
+def _decode_ring(size: int, starts: list[int], dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """(read_slot [B, R-1], read_valid [B, R-1], write_ring [B]) of a decode-only step's ring of `size`."""
+    return _decode_ring_of(size, tuple((start % size, min(start, size - 1)) for start in starts), dev)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_ring_of(size: int, key: tuple[tuple[int, int], ...], dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """_decode_ring from each start's (position % size, min(position, size - 1)), all it depends on.
+
+    A batch of one decoding cycles through `size` keys, so its tables are built once each instead
+    of a dozen small dispatches per ring and step. They are only read (indexing), never written.
+    """
+    mods, lows = torch.tensor(key).unbind(-1)  # [B] each
+    back = torch.arange(size - 1) - (size - 1)  # [R-1]: offsets of the positions before the start
+    return ((mods[:, None] + back) % size).to(dev), (lows[:, None] + back >= 0).to(dev), mods.to(dev)
+
+
+def _written_ring(size: int, starts: list[int], lens: list[int], offsets: list[int], slots) -> RingMeta:
+    """A ring of any step: each sequence writes its last R-1 tokens of the step into it."""
+    dev = slots.device
+    starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)  # [T]
+    host_positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - torch.tensor(offsets[:-1])[seq_of_token]
+    read_pos = starts_t[:, None] + (torch.arange(size - 1) - (size - 1))  # [B, R-1]
+    ends = (starts_t + lens_t)[seq_of_token]  # [T]
+    written = torch.nonzero(host_positions >= ends - (size - 1)).flatten()  # [Nw]
+    return RingMeta(
+        read_slot=(read_pos % size).to(dev),
+        read_valid=(read_pos >= 0).to(dev),
+        write_seq_slot=slots[seq_of_token[written].to(dev)],
+        write_ring=(host_positions[written] % size).to(dev),
+        write_token=written.to(dev),
+    )
+
+
+def _group_meta(starts, lens, offsets, rate, tables, per_page, ring_size, overlap) -> GroupMeta:
     """Entries emitted by this step (their source rows, RoPE positions, pages) and block tables."""
     dev = tables.device
-    counts = [(s + n) // rate for s, n in zip(starts_t.tolist(), lens_t.tolist(), strict=True)]
-    if all(c == s // rate for c, s in zip(counts, starts_t.tolist(), strict=True)):  # no window closes
+    counts = [(s + n) // rate for s, n in zip(starts, lens, strict=True)]
+    if all(c == s // rate for c, s in zip(counts, starts, strict=True)):  # no window closes
         return GroupMeta(rate=rate, entries_per_page=per_page, tables=tables, counts=counts, emit=EmitMeta(0))
-    batch, n_src = len(starts_t), 2 * rate if overlap else rate
+    starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
+    batch, n_src = len(starts), 2 * rate if overlap else rate
     first, last = starts_t // rate, (starts_t + lens_t) // rate  # entries [first, last) close in this step
     per_seq = last - first  # [B]
     seq = torch.repeat_interleave(torch.arange(batch), per_seq)  # [E]
