@@ -22,6 +22,8 @@ def sample(
     """One token per row of `logits` [N, vocab] (float32), each as its request's params ask."""
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy) == len(params):  # every row greedy (a batch of one, say): no gather of the rows
+        return logits.argmax(dim=-1).tolist()
     if greedy:
         for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True):
             tokens[i] = token
