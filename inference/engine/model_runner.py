@@ -23,6 +23,7 @@ from .context import ForwardContext, GroupTables
 from .prefix_cache import load_slots, save_slots
 from .scheduler import ScheduledBatch
 from .sequence import NO_TIE, Sequence
+from .step_threads import OneTokenThreads
 from .tiers import KVTiers
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ModelRunner:
         model_len = min(model.max_model_len, config.max_model_len or model.max_model_len)
         sizing = BlockManager(self.spec, 2, 0, self.block_size)
         wanted = config.max_num_seqs * sizing.pages_for(model_len) + 1  # never more than can be used
+        self.one_token_threads = OneTokenThreads(device)
         self.tiers: KVTiers | None = None
         self.step_page_limit: int | None = None
         """Most pages one step may use (whole-page KV tiers: what the device tier holds)."""
@@ -215,14 +217,15 @@ class ModelRunner:
         if self.block_manager.prefix is not None:  # models whose cache depends on the prompt's length say where
             ctx.shared["first_tie"] = torch.full((len(seqs),), NO_TIE, dtype=torch.long, device=device)
         adapters = [seq.lora for seq in seqs]
-        if self.lora is not None and any(adapters):
-            self.lora.set_batch(adapters, query_starts, device)
-            try:
+        with self.one_token_threads.step(len(input_ids)):
+            if self.lora is not None and any(adapters):
+                self.lora.set_batch(adapters, query_starts, device)
+                try:
+                    hidden = self.model(ids, pos, ctx)  # [T, H]
+                finally:
+                    self.lora.clear_batch()
+            else:
                 hidden = self.model(ids, pos, ctx)  # [T, H]
-            finally:
-                self.lora.clear_batch()
-        else:
-            hidden = self.model(ids, pos, ctx)  # [T, H]
         if self.block_manager.prefix is not None:
             for seq, tie in zip(seqs, ctx.shared["first_tie"].tolist(), strict=True):
                 seq.first_tie = min(seq.first_tie, tie)
