@@ -369,7 +369,10 @@ class HyperConnection(nn.Module):
         comb = np.exp(logits - _max(logits, axis=-1, keepdims=True))
         comb /= _sum(comb, axis=-1, keepdims=True)  # softmax over the last axis
         comb += np.float32(eps)
-        comb = _sinkhorn_python(comb, self.iters, eps) if len(comb) == 1 else _sinkhorn_numpy_(comb, self.iters, eps)
+        if len(comb) > 1:
+            comb = _sinkhorn_numpy_(comb, self.iters, eps)
+        else:
+            comb = (_sinkhorn_4x4 if hc == 4 else _sinkhorn_python)(comb, self.iters, eps)
         collapsed = _sum(pre[:, :, None] * hn, axis=1)
         return torch.from_numpy(post), torch.from_numpy(comb), torch.from_numpy(collapsed)
 
@@ -402,6 +405,31 @@ def _sinkhorn_python(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
                 total = sum(row) + eps
                 row[:] = [value / total for value in row]
     return np.array([rows], dtype=np.float32)
+
+
+def _sinkhorn_4x4(comb: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """_sinkhorn_python for DeepSeek-V4's four streams (hc_mult 4, every released configuration), its
+    sixteen numbers in local variables (rows a, b, c, d; columns 0-3): ~6 us instead of ~22, eight times
+    per decode step. The same sums in the same order (sum() starts from 0, and 0 + x is x): the same bits."""
+    (a0, a1, a2, a3), (b0, b1, b2, b3), (c0, c1, c2, c3), (d0, d1, d2, d3) = comb[0].tolist()
+    for step in range(2 * iters - 1):
+        if step % 2 == 0:  # columns
+            s0, s1 = a0 + b0 + c0 + d0 + eps, a1 + b1 + c1 + d1 + eps
+            s2, s3 = a2 + b2 + c2 + d2 + eps, a3 + b3 + c3 + d3 + eps
+            a0, b0, c0, d0 = a0 / s0, b0 / s0, c0 / s0, d0 / s0
+            a1, b1, c1, d1 = a1 / s1, b1 / s1, c1 / s1, d1 / s1
+            a2, b2, c2, d2 = a2 / s2, b2 / s2, c2 / s2, d2 / s2
+            a3, b3, c3, d3 = a3 / s3, b3 / s3, c3 / s3, d3 / s3
+        else:  # rows
+            t = a0 + a1 + a2 + a3 + eps
+            a0, a1, a2, a3 = a0 / t, a1 / t, a2 / t, a3 / t
+            t = b0 + b1 + b2 + b3 + eps
+            b0, b1, b2, b3 = b0 / t, b1 / t, b2 / t, b3 / t
+            t = c0 + c1 + c2 + c3 + eps
+            c0, c1, c2, c3 = c0 / t, c1 / t, c2 / t, c3 / t
+            t = d0 + d1 + d2 + d3 + eps
+            d0, d1, d2, d3 = d0 / t, d1 / t, d2 / t, d3 / t
+    return np.array([[[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]]], dtype=np.float32)
 
 
 def sinkhorn_(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

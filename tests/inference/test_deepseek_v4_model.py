@@ -355,3 +355,16 @@ def test_hyper_connection_on_numpy_views_agrees_with_its_pytorch_arithmetic(tiny
     for got, want in zip(fast, reference, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_four_stream_sinkhorn_gives_the_bits_of_the_general_one():
+    """_sinkhorn_4x4 (V4's hc_mult 4, unrolled) against _sinkhorn_python, on matrices of several scales."""
+    import numpy as np
+
+    from inference.models.deepseek_v4_layers import _sinkhorn_4x4, _sinkhorn_python
+
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 1e3):
+        for _ in range(20):
+            comb = (rng.random((1, 4, 4)) * scale + 1e-6).astype(np.float32)
+            np.testing.assert_array_equal(_sinkhorn_4x4(comb, 8, 1e-6), _sinkhorn_python(comb, 8, 1e-6))
