@@ -100,3 +100,12 @@ def second_v4_hf_model(second_v4_checkpoint):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(second_v4_checkpoint, use_safetensors=True).eval()
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test (the CI machine's count), as it was afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -12,14 +12,6 @@ from inference.layers import linear as linear_module
 from inference.layers.linear import Linear, linear
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 # The shapes the model families use: fused q/k/v, o_proj, an expert's gate-and-up and down, an LM head.
 @pytest.mark.parametrize("rows, inner", [(1024, 512), (512, 512), (512, 256), (256, 512), (640, 512), (4096, 1024)])
 @pytest.mark.parametrize("bias", [False, True])

@@ -9,14 +9,6 @@ from inference.engine import step_threads
 from inference.engine.step_threads import OneTokenThreads
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("slow", [1, 2])
 def test_one_token_steps_keep_the_faster_thread_count(two_threads, monkeypatch, slow):
     monkeypatch.setattr(step_threads, "TRIAL_STEPS", 3)
