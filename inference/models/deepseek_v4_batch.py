@@ -138,7 +138,8 @@ class V4Batch:
         def ring(size: int) -> RingMeta:
             if every_token is not None and size >= 2:  # decodes only (most steps): each writes its one token
                 read_slot, read_valid, write_ring = _decode_ring(size, starts, dev)
-                return RingMeta(read_slot, read_valid, ctx.slots, write_ring, every_token)
+                return RingMeta(read_slot=read_slot, read_valid=read_valid, write_seq_slot=ctx.slots,
+                                write_ring=write_ring, write_token=every_token)
             return _written_ring(size, starts, lens, offsets, ctx.slots)
 
         rings = {WINDOW: ring(layout.window)} | {name: ring(layout.tail_size(name)) for name in layout.paged}
