@@ -134,13 +134,16 @@ class V4Batch:
         assert lens and all(n >= 1 for n in lens), "every sequence feeds at least one token"
         decodes = [i for i, n in enumerate(lens) if n == 1]
         every_token = torch.arange(offsets[-1], device=dev) if len(decodes) == len(lens) else None
+        tokens = None  # the step's tokens on the host, built once for the rings that need them
 
         def ring(size: int) -> RingMeta:
+            nonlocal tokens
             if every_token is not None and size >= 2:  # decodes only (most steps): each writes its one token
                 read_slot, read_valid, write_ring = _decode_ring(size, starts, dev)
                 return RingMeta(read_slot=read_slot, read_valid=read_valid, write_seq_slot=ctx.slots,
                                 write_ring=write_ring, write_token=every_token)
-            return _written_ring(size, starts, lens, offsets, ctx.slots)
+            tokens = tokens or _HostTokens.of(starts, lens, offsets)
+            return tokens.ring(size, ctx.slots)
 
         rings = {WINDOW: ring(layout.window)} | {name: ring(layout.tail_size(name)) for name in layout.paged}
         groups = {}
@@ -187,22 +190,35 @@ def _decode_ring_of(size: int, key: tuple[tuple[int, int], ...], dev: torch.devi
     return ((mods[:, None] + back) % size).to(dev), (lows[:, None] + back >= 0).to(dev), mods.to(dev)
 
 
-def _written_ring(size: int, starts: list[int], lens: list[int], offsets: list[int], slots) -> RingMeta:
-    """A ring of any step: each sequence writes its last R-1 tokens of the step into it."""
-    dev = slots.device
-    starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
-    seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)  # [T]
-    host_positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - torch.tensor(offsets[:-1])[seq_of_token]
-    read_pos = starts_t[:, None] + (torch.arange(size - 1) - (size - 1))  # [B, R-1]
-    ends = (starts_t + lens_t)[seq_of_token]  # [T]
-    written = torch.nonzero(host_positions >= ends - (size - 1)).flatten()  # [Nw]
-    return RingMeta(
-        read_slot=(read_pos % size).to(dev),
-        read_valid=(read_pos >= 0).to(dev),
-        write_seq_slot=slots[seq_of_token[written].to(dev)],
-        write_ring=(host_positions[written] % size).to(dev),
-        write_token=written.to(dev),
-    )
+@dataclass
+class _HostTokens:
+    """A step's sequences and tokens as host tensors: what a ring written by prefill chunks is derived from."""
+
+    starts: torch.Tensor  # [B]
+    lens: torch.Tensor  # [B]
+    seq_of_token: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+
+    @classmethod
+    def of(cls, starts: list[int], lens: list[int], offsets: list[int]) -> _HostTokens:
+        starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
+        positions = starts_t[seq_of_token] + torch.arange(offsets[-1]) - torch.tensor(offsets[:-1])[seq_of_token]
+        return cls(starts_t, lens_t, seq_of_token, positions)
+
+    def ring(self, size: int, slots: torch.Tensor) -> RingMeta:
+        """A ring of size R: each sequence writes its last R-1 tokens of the step into it."""
+        dev = slots.device
+        read_pos = self.starts[:, None] + (torch.arange(size - 1) - (size - 1))  # [B, R-1]
+        ends = (self.starts + self.lens)[self.seq_of_token]  # [T]
+        written = torch.nonzero(self.positions >= ends - (size - 1)).flatten()  # [Nw]
+        return RingMeta(
+            read_slot=(read_pos % size).to(dev),
+            read_valid=(read_pos >= 0).to(dev),
+            write_seq_slot=slots[self.seq_of_token[written].to(dev)],
+            write_ring=(self.positions[written] % size).to(dev),
+            write_token=written.to(dev),
+        )
 
 
 def _group_meta(starts, lens, offsets, rate, tables, per_page, ring_size, overlap) -> GroupMeta:
