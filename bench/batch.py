@@ -254,12 +254,15 @@ class CpuMeter:
 
 
 def engine_steps(before: dict, after: dict) -> dict:
-    """Engine steps and their mean batch size between two readings of LLM.stats(): the same lines in
-    fewer, fuller steps is what continuous batching buys, so a batch path that feeds the engine worse
-    than the offline call shows here first."""
+    """Engine steps, their mean batch size and the seconds spent inside them between two readings of
+    LLM.stats(): the same lines in fewer, fuller steps is what continuous batching buys, so a batch path
+    that feeds the engine worse than the offline call shows here first; step_seconds against the
+    system's wall time shows whether the rest went to the engine's steps running slower or to time
+    outside them (the create call, the engine waiting for lines, finalizing)."""
     steps = after["steps"] - before["steps"]
     return {"steps": steps, "mean_batch_size": round((after["batch_size_sum"] - before["batch_size_sum"])
-                                                     / max(steps, 1), 1)}
+                                                     / max(steps, 1), 1),
+            "step_seconds": round(after["step_seconds"] - before["step_seconds"], 3)}
 
 
 def worker_counters(database_url: str, worker: str, after: float, timeout: float = 30.0) -> dict:

@@ -8,6 +8,7 @@ samples every sequence that is due a token and returns one StreamEvent per new t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,9 @@ class EngineStats:
     batch_size_sum: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     """How many steps ran with each batch size."""
+    step_seconds: float = 0.0
+    """Wall time spent inside step(): against a caller's wall time it shows how long the engine sat idle
+    or waited for its callers (bench.batch compares the Batch API's worker with the offline engine by it)."""
 
     def as_dict(self) -> dict:
         mean = self.batch_size_sum / self.steps if self.steps else 0.0
@@ -86,6 +90,13 @@ class LLMEngine:
 
     def step(self) -> list[tuple[Sequence, StreamEvent]]:
         """Run one batched step; return (sequence, StreamEvent) for every token generated."""
+        started = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.stats.step_seconds += time.perf_counter() - started
+
+    def _step(self) -> list[tuple[Sequence, StreamEvent]]:
         batch = self.scheduler.schedule()
         self._count(batch)
         if not batch.seqs:

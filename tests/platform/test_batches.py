@@ -284,6 +284,56 @@ def test_a_recorded_chunk_stores_each_lines_result_counters_and_one_usage_record
     assert lines_record(batch_id=batch.pk, claim="b-pool@w1#1", results=results) == 0  # already recorded
 
 
+def _serializer_reading(endpoint: str, body: dict):
+    from citadel.batches.lines import SERIALIZERS
+
+    serializer = SERIALIZERS[endpoint](data=body)
+    return (serializer.validated_data["model"], serializer.payload()) if serializer.is_valid() else None
+
+
+PLAIN_VALUES = {
+    "model": ["demo-v4", " demo-v4", "demo-v4 ", "", "   ", "dé", "a\x00b", "a\ud800", 7, None, True, ["m"]],
+    "max_tokens": [None, 1, 7, 32768, 32769, 0, -1, 3.0, "3", True, False, [1]],
+    "temperature": [None, 0, 0.0, 1, 2, 2.0001, -0.1, 0.7, "0.5", True, float("nan"), float("inf")],
+    "messages": [[{"role": "user", "content": "Hi"}], [{"role": "system", "content": ""}, {"role": "user",
+                 "content": "x"}], [], None, "Hi", [{"role": "robot", "content": "Hi"}], [{"role": "user"}],
+                 [{"role": "user", "content": 3}], [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                 [{"role": "user", "content": "Hi", "name": "bob"}], ["Hi"], [{"role": ["user"], "content": "x"}]],
+    "prompt": ["Once", "", ["Once"], [1, 2], None, 5],
+}
+
+
+@pytest.mark.parametrize("endpoint,text", [("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")])
+def test_the_plain_reading_of_a_line_gives_what_the_serializer_gives_or_leaves_the_line_to_it(endpoint, text):
+    """plain_payload (lines.py) skips the serializer for the common body; it must never accept a body the
+    serializer refuses, nor read one differently. Every combination of the values above, and a few
+    thousand random bodies with extra fields, absent fields and wrong types."""
+    import itertools
+    import random
+
+    from citadel.batches.lines import plain_payload
+
+    names = ("model", text, "max_tokens", "temperature")
+    bodies = [dict(zip(names, values, strict=True)) for values in itertools.product(*(PLAIN_VALUES[n] for n in names))]
+    rng = random.Random(0)
+    extras = {"top_p": [0.5, 0], "stream": [False], "seed": [1], "n": [1, 2], "stop": ["x"], "logprobs": [False]}
+    for _ in range(3000):
+        body = {name: rng.choice(PLAIN_VALUES[name]) for name in names if rng.random() < 0.85}
+        for name, values in extras.items():
+            if rng.random() < 0.1:
+                body[name] = rng.choice(values)
+        bodies.append(body)
+    taken = 0
+    for body in bodies:
+        plain = plain_payload(endpoint, body)
+        if plain is not None:
+            taken += 1
+            assert (body["model"], plain) == _serializer_reading(endpoint, body), body
+    assert taken >= 20
+    assert plain_payload(endpoint, json.loads(line("a", "Hi"))["body"] if text == "messages" else
+                         {"model": "demo-v4", "prompt": "Once", "max_tokens": 4, "temperature": 0}) is not None
+
+
 def test_one_checker_for_a_whole_file_judges_each_line_as_a_request_of_its_own_would_be_judged():
     from citadel.batches.lines import BodyChecker, line_parse
 

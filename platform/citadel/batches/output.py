@@ -6,7 +6,32 @@ input line number (Citadel's addition, as OpenAI's BatchError has it) so a malfo
 be found in the file.
 """
 
+import uuid
+from datetime import datetime
+from typing import NamedTuple
+
 from citadel.batches.models import Batch, BatchRequest
+
+
+class EndedLine(NamedTuple):
+    """The columns of a finished BatchRequest that its output line needs. Finalizing reads them with
+    values_list: a model instance per line made up half of the ~85 ms a 1,024-line batch spent
+    finalizing, between its last line and `completed`."""
+
+    id: uuid.UUID
+    line: int
+    custom_id: str
+    status: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: dict | None
+    finished_at: datetime | None
+
+    @property
+    def openai_id(self) -> str:
+        return f"batch_req_{self.id.hex}"
 
 
 def _ts(value) -> int | None:
@@ -35,7 +60,7 @@ def batch_body(batch: Batch) -> dict:
     }
 
 
-def _completion(batch: Batch, line: BatchRequest) -> dict:
+def _completion(batch: Batch, line: EndedLine | BatchRequest) -> dict:
     created = int((line.finished_at or batch.created_at).timestamp())
     usage = {"prompt_tokens": line.prompt_tokens, "completion_tokens": line.completion_tokens,
              "total_tokens": line.prompt_tokens + line.completion_tokens}
@@ -49,7 +74,7 @@ def _completion(batch: Batch, line: BatchRequest) -> dict:
             "choices": [{"index": 0, "text": line.text, "logprobs": None, "finish_reason": line.finish_reason}]}
 
 
-def line_output(batch: Batch, line: BatchRequest) -> dict:
+def line_output(batch: Batch, line: EndedLine | BatchRequest) -> dict:
     """One line of the output file (succeeded) or of the error file (failed)."""
     request_id = f"{batch.request_id or batch.openai_id}-{line.line}"
     if line.status == BatchRequest.Status.SUCCEEDED:

@@ -345,11 +345,12 @@ def _finalize(batch: Batch, *, ending: str, actor: Actor, note: str = "") -> Bat
     batch = Batch.objects.select_for_update(of=("self",)).select_related("input_file__site", "model").get(pk=batch.pk)
     if batch.is_terminal:
         return batch
-    from citadel.batches.output import line_output
+    from citadel.batches.output import EndedLine, line_output
 
     out, err = io.BytesIO(), io.BytesIO()
     ended = batch.requests.exclude(status__in=(BatchRequest.Status.PENDING, BatchRequest.Status.RUNNING))
-    for line in ended.defer("payload").order_by("line").iterator(chunk_size=2000):  # the output needs no request
+    for row in ended.order_by("line").values_list(*EndedLine._fields).iterator(chunk_size=2000):
+        line = EndedLine(*row)
         target = out if line.status == BatchRequest.Status.SUCCEEDED else err
         target.write(json.dumps(line_output(batch, line), separators=(",", ":")).encode() + b"\n")
     if out.tell():
