@@ -258,11 +258,15 @@ def engine_steps(before: dict, after: dict) -> dict:
     LLM.stats(): the same lines in fewer, fuller steps is what continuous batching buys, so a batch path
     that feeds the engine worse than the offline call shows here first; step_seconds against the
     system's wall time shows whether the rest went to the engine's steps running slower or to time
-    outside them (the create call, the engine waiting for lines, finalizing)."""
+    outside them (the create call, the engine waiting for lines, finalizing); the tokens the steps
+    computed show whether both did the same work (a prefix the cache held is not computed again)."""
     steps = after["steps"] - before["steps"]
     return {"steps": steps, "mean_batch_size": round((after["batch_size_sum"] - before["batch_size_sum"])
                                                      / max(steps, 1), 1),
-            "step_seconds": round(after["step_seconds"] - before["step_seconds"], 3)}
+            "step_seconds": round(after["step_seconds"] - before["step_seconds"], 3),
+            # Tokens the steps computed: prompt tokens a cached prefix covered are not among them.
+            "prefill_tokens": after["prefill_tokens"] - before["prefill_tokens"],
+            "decode_tokens": after["decode_tokens"] - before["decode_tokens"]}
 
 
 def worker_counters(database_url: str, worker: str, after: float, timeout: float = 30.0) -> dict:
