@@ -14,6 +14,9 @@ from citadel.gateway.serializers import ROLES, ChatCompletionInput, CompletionIn
 SERIALIZERS = {"/v1/chat/completions": ChatCompletionInput, "/v1/completions": CompletionInput}
 PLAIN_FIELDS = {"/v1/chat/completions": frozenset({"model", "messages", "max_tokens", "temperature"}),
                 "/v1/completions": frozenset({"model", "prompt", "max_tokens", "temperature"})}
+# plain_payload's bounds are the serializers' own (both endpoints declare these two fields alike).
+_MAX_TOKENS = ChatCompletionInput._declared_fields["max_tokens"]
+_TEMPERATURE = ChatCompletionInput._declared_fields["temperature"]
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,11 @@ def plain_payload(endpoint: str, body: dict) -> dict | None:
     if type(model) is not str or not model or not model.isascii() or not model.isprintable() or model != model.strip():
         return None
     max_tokens, temperature = body.get("max_tokens"), body.get("temperature")
-    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= 32768):
+    if max_tokens is not None and (type(max_tokens) is not int
+                                   or not _MAX_TOKENS.min_value <= max_tokens <= _MAX_TOKENS.max_value):
         return None
     if temperature is not None and (type(temperature) not in (int, float) or not math.isfinite(temperature)
-                                    or not 0 <= temperature <= 2):
+                                    or not _TEMPERATURE.min_value <= temperature <= _TEMPERATURE.max_value):
         return None
     serializer = SERIALIZERS[endpoint]
     sampling = {"max_tokens": max_tokens or serializer.default_max_tokens}
