@@ -24,18 +24,34 @@ TRAIN = (ROOT / "models" / "demo-v4" / "finetune" / "train.jsonl").read_text().s
 BOUND = LEASE_SECONDS + 300  # the issue's bound: the lease plus 5 minutes
 
 
+WAVES = 5  # of `requests` chats each, sent until the victim is seen running one
+
+
+def _running_on(stack, victim: str) -> list:
+    return [row[0] for row in stack.sql("SELECT id FROM jobs_inferencejob WHERE status = 'running' AND worker_name = %s",
+                                        (victim,))]
+
+
 def _kill_round(stack, victim: str, first_seed: int, requests: int = 4) -> list:
     """Kill `victim` while it runs a job; the answers. The worker killed in the round before may
     still be starting again: its restart overlaps this round, and the jobs held here wait for a
-    live worker like any others (the bound below still applies)."""
+    live worker like any others (the bound below still applies).
+
+    A job of 16 tokens takes a few tenths of a second, and the broker may hand all of a wave's jobs
+    to the other worker: a wave can be answered without the victim being seen running one of them
+    (1 round in 90 of the first 100-kill run). Then another wave is sent."""
     stack.wait_worker_online(victim)  # a live worker to kill mid-job
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=requests) as pool:
-        futures = [pool.submit(stack.chats, [first_seed + i], 16) for i in range(requests)]
-        stack.wait(lambda: stack.sql("SELECT 1 FROM jobs_inferencejob WHERE status = 'running' AND worker_name = %s",
-                                     (victim,)), 120, f"{victim} running a job")
-        held = [row[0] for row in stack.sql("SELECT id FROM jobs_inferencejob WHERE status = 'running' "
-                                            "AND worker_name = %s", (victim,))]
+    with ThreadPoolExecutor(max_workers=requests * WAVES) as pool:
+        futures, held = [], []
+        for wave in range(WAVES):
+            futures += [pool.submit(stack.chats, [first_seed + wave * requests + i], 16) for i in range(requests)]
+            stack.wait(lambda wave=futures: _running_on(stack, victim) or all(f.done() for f in wave), 120,
+                       f"{victim} running a job, or the wave answered", interval=0.05)
+            held = _running_on(stack, victim)
+            if held:
+                break
+        assert held, f"{victim} was never seen running a job in {WAVES} waves of {requests} chats"
         stack.kill_worker(victim)  # and started again, as its supervisor would; it rejoins while others run its jobs
         killed = time.monotonic()
         results = [future.result()[0] for future in futures]
