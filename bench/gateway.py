@@ -14,8 +14,7 @@ counted as zero. Reported:
   errors above 0.001 and at least 95% of the offered rate answered;
 - `sse`: 64 concurrent streams from the real demo model (models/demo-v4, a second worker) while
   plain requests keep arriving; their latency beside the same load without streams shows whether
-  streams starve other requests. The demo model decodes on the same two cores as everything else,
-  so its worker runs at a lower CPU priority (`--demo-nice`, 10), as `citadel serve` runs its worker.
+  streams starve other requests.
 
 The load is open-loop: request i is sent at start + i / rate whatever the server does, at most
 `--max-in-flight` at once, and its latency counts from that scheduled time, so a slow server
@@ -90,8 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--web-threads", type=int, default=96,
                         help="threads per gunicorn worker: each waiting request or stream holds one")
     parser.add_argument("--worker-concurrency", type=int, default=32, help="stub worker's task threads")
-    parser.add_argument("--demo-nice", type=int, default=10,
-                        help="the demo model's worker's lower CPU priority (citadel worker --nice; 0 for none)")
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (20.0 if args.quick else 60.0)
     args.step_seconds = args.step_seconds or (8.0 if args.quick else 20.0)
@@ -173,11 +170,8 @@ def _launch(env: dict, args: argparse.Namespace, port: int, logs: Path) -> list[
         start([python, "-m", "citadel.cli", "worker", "--pool", "bench-stub", "--name", "bench-stub@bench",
                "--concurrency", str(args.worker_concurrency), "--loglevel", "warning"], "stub-worker.log",
               {"CITADEL_BENCH_STUB_ENGINE": "1"}),
-        # The demo model decodes on this machine's CPU, beside the control plane: its worker runs at a lower
-        # priority, as `citadel serve` runs it (citadel worker --nice).
         start([python, "-m", "citadel.cli", "worker", "--pool", "bench-demo", "--name", "bench-demo@bench",
-               "--concurrency", str(max(args.streams, 1)), "--loglevel", "warning", "--nice", str(args.demo_nice)],
-              "demo-worker.log"),
+               "--concurrency", str(max(args.streams, 1)), "--loglevel", "warning"], "demo-worker.log"),
     ]
 
 
@@ -463,8 +457,7 @@ def run(args: argparse.Namespace) -> dict:
                    "steps": args.steps, "step_seconds": args.step_seconds, "streams": args.streams,
                    "stream_tokens": args.stream_tokens, "background_rate": args.background_rate,
                    "web": f"gunicorn gthread {args.web_workers}x{args.web_threads}",
-                   "stub_worker_concurrency": args.worker_concurrency, "demo_worker_nice": args.demo_nice,
-                   "broker": "redis",
+                   "stub_worker_concurrency": args.worker_concurrency, "broker": "redis",
                    "settings": "citadel.settings.production",
                    "postgres": "private cluster (initdb), default durability" if private else "given server"},
         **values,

@@ -122,7 +122,6 @@ def test_each_pool_of_the_site_gets_its_own_worker_unit_with_its_site_and_gpus(c
     h200 = (units / "citadel-worker-eu-fra-h200.service").read_text()
     assert "Description=Citadel worker for pool eu-fra-h200 at site eu-fra" in h200
     assert "citadel worker --pool=eu-fra-h200 --name=eu-fra-h200@%H --concurrency=32" in h200
-    assert "--loglevel=info --nice=0" in h200  # a GPU host's worker keeps the normal CPU priority
     assert "Environment=CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6" in h200
     assert "Environment=CITADEL_KV_CACHE_DIR=/var/cache/citadel/kv" in h200
     finetune = (units / "citadel-worker-eu-fra-finetune.service").read_text()

@@ -27,8 +27,6 @@ from citadel.core.connection_budget import (
 )
 from citadel.core.management.commands.bootstrap import LOCAL_POOL
 
-SERVE_WORKER_NICE = 10
-
 
 def _env() -> dict:
     env = dict(os.environ)
@@ -48,9 +46,6 @@ class Command(BaseCommand):
         parser.add_argument("--web-threads", type=int, default=SERVE_WEB_THREADS,
                             help="Threads per web worker; each token stream holds one.")
         parser.add_argument("--worker-concurrency", type=int, default=SERVE_WORKER_CONCURRENCY)
-        parser.add_argument("--worker-nice", type=int, default=SERVE_WORKER_NICE,
-                            help="The worker's lower CPU priority (`citadel worker --nice`), so that a model decoding "
-                                 "on this machine's CPU leaves the web process and the database their share.")
 
     def connection_warning(self, *, web_workers: int, web_threads: int, worker_concurrency: int) -> str | None:
         """The warning to print when these processes may hold more connections than PostgreSQL allows."""
@@ -59,7 +54,7 @@ class Command(BaseCommand):
         budget = budget_check(needed=needed)
         return budget.warning(web_workers=web_workers, web_threads=web_threads) if budget else None
 
-    def handle(self, *args, host, port, web_workers, web_threads, worker_concurrency, worker_nice, **options):
+    def handle(self, *args, host, port, web_workers, web_threads, worker_concurrency, **options):
         warning = self.connection_warning(web_workers=web_workers, web_threads=web_threads,
                                           worker_concurrency=worker_concurrency)
         if warning:
@@ -70,7 +65,7 @@ class Command(BaseCommand):
                     "--worker-class=gthread", f"--workers={web_workers}", f"--threads={web_threads}",
                     "--timeout=0", "--access-logfile=-"],
             "worker": [python, "-m", "citadel.cli", "worker", f"--pool={LOCAL_POOL}", "--control",
-                       f"--concurrency={worker_concurrency}", f"--nice={worker_nice}"],
+                       f"--concurrency={worker_concurrency}"],
             "beat": [python, "-m", "celery", "-A", "citadel", "beat", "--loglevel=info",
                      f"--schedule={settings.DATA_DIR / 'celerybeat-schedule'}"],
         }
