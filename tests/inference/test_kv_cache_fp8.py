@@ -233,14 +233,22 @@ def test_fp8_kv_in_every_tier_gives_the_untiered_fp8_tokens(model, qwen, tmp_pat
 
 
 def assert_same_tokens(cached, uncached) -> None:
-    """Greedy tokens identical, sampled log-probabilities within 1e-3 (the hit's steps differ from the
-    miss's: see test_fp8_kv_in_every_tier_gives_the_untiered_fp8_tokens)."""
+    """Greedy tokens identical; the sampled log-probabilities nearly all within 1e-3, none beyond 0.05.
+
+    The hit's steps differ from the miss's (see test_fp8_kv_in_every_tier_gives_the_untiered_fp8_tokens),
+    so a K/V value computed an ulp apart may round to the neighbouring e4m3 value, one eighth or a sixteenth
+    away. Mostly that moves nothing past 1e-3, but it can move one log-probability further: on an Intel Xeon
+    (MKL's AVX-512 kernels) one of 222 moved by 0.023 in test_kv_tiers_fp8_snapshots, the 221 others were
+    the same bits. A tiering bug (a page from the wrong place, a torn copy) moves many, and by more."""
+    diffs = []
     for a, b in zip(cached, uncached, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la, lb = (
             [e[t] for e, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)] for o in (a, b)
         )
-        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-3
+        diffs += [abs(x - y) for x, y in zip(la, lb, strict=True)]
+    assert max(diffs) <= 0.05, max(diffs)
+    assert sum(d > 1e-3 for d in diffs) <= 0.02 * len(diffs), sorted(diffs)[-10:]
 
 
 def test_fp8_kv_prefixes_cached_in_tiers_give_the_uncached_fp8_tokens(qwen, tmp_path):
