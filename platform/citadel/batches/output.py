@@ -15,7 +15,7 @@ from citadel.batches.models import Batch, BatchRequest
 
 class EndedLine(NamedTuple):
     """The columns of a finished BatchRequest that its output line needs. Finalizing reads them with
-    values_list: a model instance per line made up half of the ~85 ms a 1,024-line batch spent
+    values_list: building a model instance per line took ~20 of the ~85 ms a 1,024-line batch spent
     finalizing, between its last line and `completed`."""
 
     id: uuid.UUID
