@@ -29,9 +29,7 @@ class EndedLine(NamedTuple):
     error: dict | None
     finished_at: datetime | None
 
-    @property
-    def openai_id(self) -> str:
-        return f"batch_req_{self.id.hex}"
+    openai_id = property(BatchRequest.openai_id.fget)  # the model's own, from `id`
 
 
 def _ts(value) -> int | None:
