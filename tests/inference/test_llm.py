@@ -73,6 +73,21 @@ def test_several_prompts_give_one_output_each_in_order(llm):
     assert len({o.request_id for o in outputs}) == 3
 
 
+
+def test_prompts_tokenized_together_get_the_ids_each_gets_alone(llm):
+    # generate() tokenizes its string prompts in one call per kind: with the tokenizer's special tokens,
+    # and without them for a prompt that already starts with BOS (a rendered chat template).
+    rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                                 tokenize=False)
+    prompts = ["Hello", rendered, [0, 45, 343], "The river", rendered + " again", " "]
+    together = llm.generate(prompts, SamplingParams(max_tokens=1))
+    assert [o.prompt_token_ids for o in together] == [llm.generate(p, SamplingParams(max_tokens=1))[0].prompt_token_ids
+                                                      for p in prompts]
+    assert together[1].prompt_token_ids == llm.tokenizer(rendered, add_special_tokens=False).input_ids
+    assert together[0].prompt_token_ids == llm.tokenizer("Hello").input_ids
+    assert [o.prompt for o in together] == [p if isinstance(p, str) else None for p in prompts]
+
+
 # -- sampling --------------------------------------------------------------------------------------
 
 

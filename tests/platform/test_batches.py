@@ -262,6 +262,25 @@ def test_batches_are_listed_newest_first_with_after_and_limit_and_other_keys_see
     assert call("get", f"/v1/batches/{ids[0]}", other.key).status_code == 404
 
 
+def test_claims_take_pending_lines_in_line_order_once_and_only_while_the_batch_runs(world):
+    from citadel.batches.services import lines_claim
+
+    create(world, [line(f"l{i}", "Hello") for i in range(5)])
+    batch = Batch.objects.get()
+    first = lines_claim(batch_id=batch.pk, claim="b-pool@w1#1", limit=2)
+    second = lines_claim(batch_id=batch.pk, claim="b-pool@w2#1", limit=10)
+    assert [c.line for c in first] == [1, 2] and [c.line for c in second] == [3, 4, 5]
+    assert second[0].payload["messages"] == [{"role": "user", "content": "Hello"}]  # decoded, as the engine takes it
+    assert lines_claim(batch_id=batch.pk, claim="b-pool@w3#1", limit=10) == []
+    claims = dict(BatchRequest.objects.values_list("line", "worker_name"))
+    assert claims == {1: "b-pool@w1#1", 2: "b-pool@w1#1", 3: "b-pool@w2#1", 4: "b-pool@w2#1", 5: "b-pool@w2#1"}
+    assert not BatchRequest.objects.exclude(status="running").exists()
+    assert not BatchRequest.objects.filter(claimed_at__isnull=True).exists()
+    BatchRequest.objects.filter(line=5).update(status="pending", worker_name="")
+    Batch.objects.filter(pk=batch.pk).update(status="cancelling")
+    assert lines_claim(batch_id=batch.pk, claim="b-pool@w3#1", limit=10) == []  # a stopping batch hands out nothing
+
+
 def test_a_recorded_chunk_stores_each_lines_result_counters_and_one_usage_record_in_one_go(world):
     from citadel.batches.services import lines_claim, lines_record
 

@@ -23,8 +23,9 @@ from django.conf import settings
 from django.db import connection
 
 from citadel.audit.services import Actor
-from citadel.batches.models import Batch, BatchRequest
+from citadel.batches.models import Batch
 from citadel.batches.services import (
+    ClaimedLine,
     batch_finish_if_done,
     batches_recover,
     lines_claim,
@@ -44,7 +45,7 @@ def _params(payload: dict):
     return SamplingParams(**payload.get("sampling", {}))
 
 
-def _run_chunk(llm, batch: Batch, lines: list[BatchRequest]) -> dict:
+def _run_chunk(llm, batch: Batch, lines: list[ClaimedLine]) -> dict:
     """{line pk: result} for one chunk. Lines whose settings the engine refuses fail alone; if the
     engine refuses the chunk as a whole (a chat template rejecting one conversation), each line
     is tried on its own so that only the guilty one fails."""

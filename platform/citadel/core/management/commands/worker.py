@@ -28,6 +28,12 @@ class Command(BaseCommand):
         if not WorkerPool.objects.filter(name=pool).exists():
             raise CommandError(f"No worker pool named '{pool}'. Create it with `citadel pools create {pool} --site SITE`.")
         os.environ["CITADEL_WORKER_POOL"] = pool
+        # The engine's threads own this machine's cores while they decode. A fast tokenizer encoding a
+        # batch chunk's prompts would start a thread pool of its own whose idle threads keep waking
+        # (about a hundred times per 1,024-line batch here), each time taking a core from a step's
+        # OpenMP threads mid-operation; in the caller's thread the encoding takes ~1 ms a chunk.
+        # An operator's own setting wins.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         queues = [pool_queue(pool)] + (["control"] if control else [])
         app.worker_main([
             "worker", f"--hostname={name or f'{pool}@{socket.gethostname()}'}", f"--queues={','.join(queues)}",
