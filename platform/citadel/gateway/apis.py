@@ -24,7 +24,7 @@ from citadel.jobs.models import InferenceJob
 from citadel.jobs.selectors import job_wait
 from citadel.jobs.services import job_error, job_submit
 from citadel.quotas.limiter import quota_admit
-from citadel.registry.selectors import model_adapter, models_deployed
+from citadel.registry.selectors import model_get, models_deployed
 from citadel.residency.services import request_subject
 
 
@@ -68,7 +68,8 @@ def run_job(request, data, *, kind: str):
     if api_key is None:  # a console session runs on its team's quota (a key's request was counted on arrival)
         quota_admit(team=request_subject(request).team)
     payload = data.payload()
-    adapter = model_adapter(name=data.validated_data["model"])
+    model = model_get(name=data.validated_data["model"])  # once per request: job_submit takes it
+    adapter = {"name": model.name, "path": model.adapter_path} if model.base_id else None
     if adapter is not None:  # a fine-tuned model: its base's deployment runs it with this adapter
         if not fine_tuned_model_usable(request=request, name=adapter["name"]):  # another team's adapter
             raise NotFound(f"The model '{adapter['name']}' does not exist. List the available ones at "
@@ -76,7 +77,7 @@ def run_job(request, data, *, kind: str):
         payload["adapter"] = adapter
     job = job_submit(model_name=data.validated_data["model"], kind=kind, payload=payload,
                      stream=data.validated_data["stream"], actor=Actor.for_request(request), request=request,
-                     user=request.user, api_key=api_key, subject=request_subject(request))
+                     user=request.user, api_key=api_key, subject=request_subject(request), model=model)
     if data.validated_data["stream"]:
         response = StreamingHttpResponse(job_event_stream(job, include_usage=data.include_usage),
                                          content_type="text/event-stream")

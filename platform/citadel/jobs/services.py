@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor: Actor, subject: Subject,
-               request=None, user=None, api_key=None) -> InferenceJob:
+               request=None, user=None, api_key=None, model=None) -> InferenceJob:
     """Record the job, then hand its id to a live pool that serves the model and that the residency
     policy of `subject` (team and data class) allows.
 
@@ -40,9 +40,10 @@ def job_submit(*, model_name: str, kind: str, payload: dict, stream: bool, actor
     failed, so no request is silently dropped (with Retry-After); PoolSaturated (429, Retry-After) when
     every live allowed pool is running and queueing all it may (citadel.jobs.admission).
     """
-    model = model_get(name=model_name)
-    deployments = list(deployments_active_for_model(model=model))
-    decision = decide(team=subject.team, data_class=subject.data_class, model=model, purpose="inference")
+    model = model if model is not None else model_get(name=model_name)  # the caller's, read for this request
+    deployments = list(deployments_active_for_model(model=model).select_related("pool__site"))
+    decision = decide(team=subject.team, data_class=subject.data_class, model=model, purpose="inference",
+                      deployments=deployments)
     residency = {**decision.details(), "key_data_class": subject.key_class.name}
     if deployments and not decision.allowed:
         audit_record(actor=actor, action=f"inference.{kind}", outcome="denied", target_type="model",

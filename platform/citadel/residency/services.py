@@ -183,18 +183,21 @@ class Decision:
         }
 
 
-def decide(*, team, data_class: DataClass, model, purpose: str = "inference") -> Decision:
+def decide(*, team, data_class: DataClass, model, purpose: str = "inference", deployments=None) -> Decision:
     """May `team` send `data_class` data to `model` for `purpose`, and on which pools?
 
     Deny by default: without a policy for (team, data class) nothing is allowed. With one, the
     allowed pools are the active deployments of the model whose pool's site the policy allows for
     processing; the chosen pool is the first of them with a live worker (else the first).
+    `deployments`: the model's active deployments with their pools' sites, when the caller has
+    just read them (job_submit), so that a request does not read them twice.
     """
     from citadel.registry.selectors import deployments_active_for_model, workers_live
 
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}.", param="purpose")
-    deployments = list(deployments_active_for_model(model=model).select_related("pool__site"))
+    if deployments is None:
+        deployments = list(deployments_active_for_model(model=model).select_related("pool__site"))
     deployed_at = [_pool_place(d.pool) for d in deployments]
     decision = Decision(allowed=False, reason="", purpose=purpose, team=team, data_class=data_class, model=model,
                         deployed_at=deployed_at)
