@@ -7,13 +7,14 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.test import Client
 from django.utils import timezone
 
 from citadel.accounts.models import ApiKey
 from citadel.accounts.services import api_key_authenticate, api_key_create, api_key_revoke
 from citadel.audit.models import AuditRecord
 from citadel.audit.services import Actor
-from citadel.core.exceptions import AuthenticationFailed
+from citadel.core.exceptions import AuthenticationFailed, InvalidRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -60,6 +61,22 @@ def test_an_expired_key_is_refused(user):
     ApiKey.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     with pytest.raises(AuthenticationFailed, match="expired"):
         api_key_authenticate(key=created.key)
+
+
+@pytest.mark.parametrize("days", [0, 3651, 14856327195])
+def test_an_expiry_outside_one_day_to_ten_years_is_refused_naming_the_field(user, days):
+    # 14856327195 days came from the schemathesis run: the date overflowed and the API answered 500.
+    with pytest.raises(InvalidRequest, match="expires_in_days must be a number of days from 1 to 3650") as error:
+        api_key_create(user=user, name="app", actor=Actor.system(), expires_in_days=days)
+    assert error.value.param == "expires_in_days" and not ApiKey.objects.exists()
+    user.is_superuser = user.is_staff = True
+    user.save()
+    client = Client()
+    client.force_login(user)
+    answer = client.post("/api/v1/keys/", {"name": "app", "expires_in_days": days}, content_type="application/json")
+    assert answer.status_code == 400, answer.content
+    assert "expires_in_days" in answer.content.decode() and not ApiKey.objects.exists()
+    assert api_key_create(user=user, name="app", actor=Actor.system(), expires_in_days=3650).api_key.expires_at
 
 
 @pytest.mark.django_db(transaction=True)

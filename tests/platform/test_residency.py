@@ -23,8 +23,10 @@ from citadel.residency.models import DataClass, Policy, Site
 from citadel.residency.services import (
     ResidencyDenied,
     Subject,
+    data_class_update,
     decide,
     policy_create,
+    policy_update,
     site_create,
 )
 
@@ -379,6 +381,32 @@ def test_the_console_residency_page_shows_the_dry_run_decision(world):
 
 
 # -- management API ---------------------------------------------------------------------------
+
+def test_a_retention_period_past_a_hundred_years_is_refused_naming_the_field(staff):
+    # A policy's retention_days of two billion was stored, and then every request it covered failed (500):
+    # the date it computes for the kept prompt does not fit a datetime.
+    from citadel.core.exceptions import InvalidRequest
+
+    team_create(name="payments", actor=SYSTEM)
+    too_long = staff.post("/api/v1/residency/policies/", {"team": "payments", "data_class": "internal",
+                                                          "retention_days": 2_000_000_000},
+                          content_type="application/json")
+    assert too_long.status_code == 400 and "retention_days" in too_long.content.decode()
+    assert not Policy.objects.filter(team__name="payments").exists()
+    with pytest.raises(InvalidRequest, match="retention_days must be a number of days from 1 to 36500") as error:
+        policy_create(team=None, data_class=dc("public"), retention_days=36501, actor=SYSTEM)
+    assert error.value.param == "retention_days"
+    policy = policy_create(team=None, data_class=dc("public"), retention_days=36500, actor=SYSTEM)
+    with pytest.raises(InvalidRequest, match="retention_days"):
+        policy_update(policy=policy, retention_days=10**9, actor=SYSTEM)
+    refused = staff.post("/api/v1/residency/data-classes/", {"name": "pci", "rank": 35,
+                                                             "audit_retention_days": 10**9},
+                         content_type="application/json")
+    assert refused.status_code == 400 and "audit_retention_days" in refused.content.decode()
+    with pytest.raises(InvalidRequest, match="audit_retention_days must be a number of days from 0 to 36500"):
+        data_class_update(data_class=dc("public"), audit_retention_days=36501, actor=SYSTEM)
+    assert data_class_update(data_class=dc("public"), audit_retention_days=0, actor=SYSTEM).audit_retention_days == 0
+
 
 def test_admins_manage_sites_classes_and_policies_and_every_change_is_audited_with_before_and_after(staff):
     def call(method, path, body=None):

@@ -17,6 +17,7 @@ from citadel.accounts.lockout import login_lock_lift
 from citadel.accounts.middleware import ENROL_REQUIRED
 from citadel.accounts.models import ApiKey, EndpointGroup, LoginLock, Membership, Role, Team, TotpDevice
 from citadel.accounts.services import (
+    API_KEY_MAX_DAYS,
     api_key_create,
     api_key_revoke,
     api_key_update,
@@ -217,7 +218,7 @@ def key_get(request, prefix: str) -> ApiKey:
 class ApiKeyListCreateApi(APIView):
     class ApiKeyCreateInput(serializers.Serializer):
         name = serializers.CharField(max_length=100)
-        expires_in_days = serializers.IntegerField(required=False, min_value=1)
+        expires_in_days = serializers.IntegerField(required=False, min_value=1, max_value=API_KEY_MAX_DAYS)
         team = serializers.CharField(required=False, allow_null=True, default=None,
                                      help_text="The team whose residency policies govern the key's requests.")
         data_class = serializers.CharField(required=False, default="internal",

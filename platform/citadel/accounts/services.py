@@ -113,6 +113,12 @@ def _within(limit_to: ApiKey | None, scopes: list[str], allowed_models: list[str
                                code="insufficient_scope")
 
 
+API_KEY_MAX_DAYS = 3650
+"""The longest expiry a key may be given (ten years): past some 2.9 million days the date would not fit
+a datetime at all (a fuzzed request found that as a server error); a key meant to live longer is
+created without an expiry."""
+
+
 @transaction.atomic
 def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None = None, team: Team | None = None,
                    data_class=None, scopes=None, allowed_models=(), limit_to: ApiKey | None = None,
@@ -138,8 +144,9 @@ def api_key_create(*, user, name: str, actor: Actor, expires_in_days: int | None
     scopes = _clean_scopes(scopes)
     allowed_models = _clean_models(allowed_models or ())
     data_class = data_class or DataClass.objects.get(name=DEFAULT_DATA_CLASS)
-    if expires_in_days is not None and expires_in_days <= 0:
-        raise InvalidRequest("expires_in_days must be a positive number of days.", param="expires_in_days")
+    if expires_in_days is not None and not 0 < expires_in_days <= API_KEY_MAX_DAYS:
+        raise InvalidRequest(f"expires_in_days must be a number of days from 1 to {API_KEY_MAX_DAYS} (ten years); "
+                             "leave it out for a key that does not expire.", param="expires_in_days")
     prefix = secrets.token_hex(4)
     key = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
     expires_at = timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None

@@ -14,7 +14,7 @@ from citadel.audit.services import Actor
 from citadel.core.exceptions import NotFound
 from citadel.registry.selectors import model_get
 from citadel.residency import selectors, services
-from citadel.residency.models import DataClass, Policy, Site
+from citadel.residency.models import RETENTION_DAYS_MAX, DataClass, Policy, Site
 
 
 class SiteSerializer(serializers.ModelSerializer):
@@ -30,7 +30,7 @@ class DataClassSerializer(serializers.ModelSerializer):
         model = DataClass
         fields = ["name", "rank", "description", "audit_retention_days", "builtin", "created_at"]
         read_only_fields = ["builtin", "created_at"]
-        extra_kwargs = {"name": {"validators": []}}
+        extra_kwargs = {"name": {"validators": []}, "audit_retention_days": {"max_value": RETENTION_DAYS_MAX}}
 
 
 class PolicyOutput(serializers.ModelSerializer):
@@ -55,7 +55,8 @@ class PolicyInput(serializers.Serializer):
     storage_sites = serializers.ListField(child=serializers.CharField(), required=False)
     storage_jurisdictions = serializers.ListField(child=serializers.CharField(), required=False)
     prompt_retention = serializers.ChoiceField(choices=Policy.Retention.choices, required=False)
-    retention_days = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    retention_days = serializers.IntegerField(required=False, allow_null=True, min_value=1,
+                                              max_value=RETENTION_DAYS_MAX)
     fine_tuning_allowed = serializers.BooleanField(required=False)
     description = serializers.CharField(required=False, allow_blank=True)
 

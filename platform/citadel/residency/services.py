@@ -12,7 +12,7 @@ from django.db import transaction
 
 from citadel.audit.services import Actor, audit_record
 from citadel.core.exceptions import Conflict, InvalidRequest, PermissionDenied
-from citadel.residency.models import UNSPECIFIED, DataClass, Policy, Site
+from citadel.residency.models import RETENTION_DAYS_MAX, UNSPECIFIED, DataClass, Policy, Site
 
 HEADER = "X-Citadel-Data-Class"
 PURPOSES = ("inference", "fine_tuning")
@@ -329,10 +329,17 @@ def data_class_snapshot(data_class: DataClass) -> dict:
             "builtin": data_class.builtin, "audit_retention_days": data_class.audit_retention_days}
 
 
+def _check_days(value, *, param: str, least: int) -> None:
+    if value is not None and not least <= value <= RETENTION_DAYS_MAX:
+        raise InvalidRequest(f"{param} must be a number of days from {least} to {RETENTION_DAYS_MAX}, or empty.",
+                             param=param)
+
+
 @transaction.atomic
 def data_class_create(*, name: str, rank: int, actor: Actor, description: str = "",
                       audit_retention_days: int | None = None, request=None) -> DataClass:
     name = (name or "").strip().lower()
+    _check_days(audit_retention_days, param="audit_retention_days", least=0)  # 0: forever
     if DataClass.objects.filter(name=name).exists():
         raise Conflict(f"A data class named '{name}' already exists.", param="name")
     data_class = DataClass.objects.create(name=name, rank=rank, description=description,
@@ -347,6 +354,8 @@ def data_class_update(*, data_class: DataClass, actor: Actor, request=None, **ch
     data_class = DataClass.objects.select_for_update().get(pk=data_class.pk)
     if data_class.builtin and "name" in changes and changes["name"] != data_class.name:
         raise InvalidRequest(f"'{data_class.name}' is a built-in data class and keeps its name.", param="name")
+    if "audit_retention_days" in changes:
+        _check_days(changes["audit_retention_days"], param="audit_retention_days", least=0)
     before = data_class_snapshot(data_class)
     for key, value in changes.items():
         setattr(data_class, key, value)
@@ -391,6 +400,8 @@ def _clean_policy_fields(fields: dict) -> dict:
             if any(v.casefold() == UNSPECIFIED for v in values):
                 raise InvalidRequest(f"{name} cannot list '{UNSPECIFIED}': name such sites instead.", param=name)
             fields[name] = sorted(set(values))
+    if "retention_days" in fields:
+        _check_days(fields["retention_days"], param="retention_days", least=1)
     if "prompt_retention" in fields and fields["prompt_retention"] not in Policy.Retention.values:
         raise InvalidRequest(f"prompt_retention must be one of {', '.join(Policy.Retention.values)}.",
                              param="prompt_retention")
