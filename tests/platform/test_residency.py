@@ -408,6 +408,17 @@ def test_a_retention_period_past_a_hundred_years_is_refused_naming_the_field(sta
     assert data_class_update(data_class=dc("public"), audit_retention_days=0, actor=SYSTEM).audit_retention_days == 0
 
 
+def test_renaming_a_data_class_to_a_taken_name_is_a_conflict_not_a_server_error(staff):
+    # Found by schemathesis: the unique name's IntegrityError surfaced as a 500.
+    assert staff.post("/api/v1/residency/data-classes/", {"name": "pci", "rank": 35},
+                      content_type="application/json").status_code == 201
+    taken = staff.patch("/api/v1/residency/data-classes/pci/", {"name": "Internal "}, content_type="application/json")
+    assert taken.status_code == 409 and "already exists" in taken.json()["detail"]
+    assert DataClass.objects.filter(name="pci").exists()
+    renamed = staff.patch("/api/v1/residency/data-classes/pci/", {"name": "Cards"}, content_type="application/json")
+    assert renamed.status_code == 200 and renamed.json()["name"] == "cards"
+
+
 def test_admins_manage_sites_classes_and_policies_and_every_change_is_audited_with_before_and_after(staff):
     def call(method, path, body=None):
         response = getattr(staff, method)(path, body, content_type="application/json")

@@ -354,6 +354,10 @@ def data_class_update(*, data_class: DataClass, actor: Actor, request=None, **ch
     data_class = DataClass.objects.select_for_update().get(pk=data_class.pk)
     if data_class.builtin and "name" in changes and changes["name"] != data_class.name:
         raise InvalidRequest(f"'{data_class.name}' is a built-in data class and keeps its name.", param="name")
+    if "name" in changes:
+        changes["name"] = (changes["name"] or "").strip().lower()  # as data_class_create stores names
+        if DataClass.objects.exclude(pk=data_class.pk).filter(name=changes["name"]).exists():
+            raise Conflict(f"A data class named '{changes['name']}' already exists.", param="name")
     if "audit_retention_days" in changes:
         _check_days(changes["audit_retention_days"], param="audit_retention_days", least=0)
     before = data_class_snapshot(data_class)
