@@ -301,6 +301,7 @@ def test_a_recorded_chunk_stores_each_lines_result_counters_and_one_usage_record
     usage = UsageRecord.objects.get(kind="batch")
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 11, 6)
     assert lines_record(batch_id=batch.pk, claim="b-pool@w1#1", results=results) == 0  # already recorded
+    assert lines_record(batch_id=batch.pk, claim="b-pool@w1#1", results={}) == 0
 
 
 def _serializer_reading(endpoint: str, body: dict):

@@ -293,6 +293,8 @@ def lines_record(*, batch_id, claim: str, results: dict) -> int:
     # The batch is locked first, as everything else that changes both a batch and its lines does.
     batch = Batch.objects.select_for_update(of=("self",)).values(
         "id", "api_key_id", "team_id", "user_id", "model__name").get(pk=batch_id)
+    if not results:
+        return 0
     rows = []
     for pk, result in results.items():
         if "error" in result:
@@ -300,7 +302,7 @@ def lines_record(*, batch_id, claim: str, results: dict) -> int:
         else:
             rows.append((pk, BatchRequest.Status.SUCCEEDED, None, result["text"].replace("\x00", "\ufffd"),
                          result["finish_reason"], result["prompt_tokens"], result["completion_tokens"]))
-    recorded = _lines_update(rows, claim=claim, finished_at=timezone.now())
+    recorded = _lines_update(rows, batch_id=batch["id"], claim=claim, finished_at=timezone.now())
     if not recorded:
         return 0
     succeeded = [row for row in recorded if row.status == BatchRequest.Status.SUCCEEDED]
@@ -325,7 +327,7 @@ class _Recorded(NamedTuple):
     completion_tokens: int
 
 
-def _lines_update(rows: list[tuple], *, claim: str, finished_at) -> list[_Recorded]:
+def _lines_update(rows: list[tuple], *, batch_id, claim: str, finished_at) -> list[_Recorded]:
     """A chunk's results (pk, status, error, text, finish_reason, prompt_tokens, completion_tokens) in one
     UPDATE of the lines this claim still runs, their values sent as one array per column; the lines it
     changed come back. It runs on the worker while the engine decodes: bulk_update's CASE per field and
@@ -340,9 +342,10 @@ def _lines_update(rows: list[tuple], *, claim: str, finished_at) -> list[_Record
             " completion_tokens = v.completion_tokens, finished_at = %s"
             " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
             " AS v(id, status, error, text, finish_reason, prompt_tokens, completion_tokens)"
-            " WHERE r.id = v.id AND r.status = %s AND r.worker_name = %s"
+            " WHERE r.id = v.id AND r.batch_id = %s AND r.status = %s AND r.worker_name = %s"
             " RETURNING r.line, r.status, r.prompt_tokens, r.completion_tokens",
-            [finished_at, key, status, error, text, reason, prompt, completion, BatchRequest.Status.RUNNING, claim])
+            [finished_at, key, status, error, text, reason, prompt, completion, batch_id, BatchRequest.Status.RUNNING,
+             claim])
         return [_Recorded(*row) for row in cursor.fetchall()]
 
 
