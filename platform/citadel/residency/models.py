@@ -9,12 +9,11 @@ from django.db import models
 
 UNSPECIFIED = "unspecified"
 
-
-
 RETENTION_DAYS_MAX = 36500
 """The most days a retention period may name (a hundred years). Longer ones mean "forever", which each
 field says its own way, and a date that far off does not fit a datetime: a policy's retention_days
 of two billion would have failed every request it covers."""
+
 
 class Site(models.Model):
     """A place with hardware: worker pools run at a site, files are stored under its storage path."""

@@ -335,13 +335,26 @@ def _check_days(value, *, param: str, least: int) -> None:
                              param=param)
 
 
+def _normal_name(name) -> str:
+    return (name or "").strip().lower()
+
+
+def _data_class_name_free(name, *, renaming: DataClass | None = None) -> str:
+    """`name` as data classes are stored (trimmed, lower-case); Conflict if another class has it."""
+    name = _normal_name(name)
+    taken = DataClass.objects.filter(name=name)
+    if renaming is not None:
+        taken = taken.exclude(pk=renaming.pk)
+    if taken.exists():
+        raise Conflict(f"A data class named '{name}' already exists.", param="name")
+    return name
+
+
 @transaction.atomic
 def data_class_create(*, name: str, rank: int, actor: Actor, description: str = "",
                       audit_retention_days: int | None = None, request=None) -> DataClass:
-    name = (name or "").strip().lower()
+    name = _data_class_name_free(name)
     _check_days(audit_retention_days, param="audit_retention_days", least=0)  # 0: forever
-    if DataClass.objects.filter(name=name).exists():
-        raise Conflict(f"A data class named '{name}' already exists.", param="name")
     data_class = DataClass.objects.create(name=name, rank=rank, description=description,
                                           audit_retention_days=audit_retention_days)
     audit_record(actor=actor, action="residency.data_class.create", outcome="success", target_type="data_class",
@@ -352,12 +365,10 @@ def data_class_create(*, name: str, rank: int, actor: Actor, description: str = 
 @transaction.atomic
 def data_class_update(*, data_class: DataClass, actor: Actor, request=None, **changes) -> DataClass:
     data_class = DataClass.objects.select_for_update().get(pk=data_class.pk)
-    if data_class.builtin and "name" in changes and changes["name"] != data_class.name:
-        raise InvalidRequest(f"'{data_class.name}' is a built-in data class and keeps its name.", param="name")
     if "name" in changes:
-        changes["name"] = (changes["name"] or "").strip().lower()  # as data_class_create stores names
-        if DataClass.objects.exclude(pk=data_class.pk).filter(name=changes["name"]).exists():
-            raise Conflict(f"A data class named '{changes['name']}' already exists.", param="name")
+        if data_class.builtin and _normal_name(changes["name"]) != data_class.name:
+            raise InvalidRequest(f"'{data_class.name}' is a built-in data class and keeps its name.", param="name")
+        changes["name"] = _data_class_name_free(changes["name"], renaming=data_class)
     if "audit_retention_days" in changes:
         _check_days(changes["audit_retention_days"], param="audit_retention_days", least=0)
     before = data_class_snapshot(data_class)
